@@ -1,0 +1,518 @@
+"""FER2013 data layer: readers (CSV, image folders, zip), splits, folds, cache and data checks.
+
+Every reader returns a :class:`FERData` with uint8 ``(N, 48, 48)`` images, integer labels in the
+original CSV order (see :data:`ferlib.EMOTIONS`), a split per image (``train``, ``val``,
+``test``) and a source id per image. Bad input raises :class:`FERDataError` naming the file and
+row or entry; ``on_error="skip"`` skips bad entries instead and lists them in ``skipped``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from ferlib import EMOTIONS
+
+IMAGE_SIZE = 48
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
+CSV_HEADER = ("emotion", "pixels", "Usage")
+USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
+FILE_PREFIX_TO_SPLIT = {"training": "train", "publictest": "val", "privatetest": "test"}
+CLASS_ALIASES = {
+    "angry": "angry", "anger": "angry", "mad": "angry",
+    "disgust": "disgust", "disgusted": "disgust", "disgusting": "disgust",
+    "fear": "fear", "fearful": "fear", "afraid": "fear", "scared": "fear",
+    "happy": "happy", "happiness": "happy", "joy": "happy", "happy_face": "happy",
+    "sad": "sad", "sadness": "sad",
+    "surprise": "surprise", "surprised": "surprise", "suprise": "surprise",
+    "neutral": "neutral", "neutrality": "neutral", "calm": "neutral",
+}
+
+
+class FERDataError(ValueError):
+    """Bad or unreadable input: the message names the file and the row or entry."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No FER2013 source where we looked."""
+
+
+@dataclasses.dataclass
+class FERData:
+    """Decoded FER-style dataset held in memory.
+
+    Attributes
+    ----------
+    images : ndarray, uint8, shape (N, 48, 48)
+    labels : ndarray, int64, shape (N,), indices into ``EMOTIONS``
+    split : ndarray of str, shape (N,), each ``train``, ``val`` or ``test``
+    source_ids : ndarray of str, shape (N,), the CSV row or archive entry of each image
+    skipped : list of (entry, reason) for entries skipped with ``on_error="skip"``
+    converted : number of images that were resized or converted to grayscale
+    source : where the data came from
+    source_hash : sha256 of the source (file content, or listing of a folder)
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    split: np.ndarray
+    source_ids: np.ndarray
+    skipped: list = dataclasses.field(default_factory=list)
+    converted: int = 0
+    source: str = ""
+    source_hash: str = ""
+    EMOTIONS = EMOTIONS
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels of one split."""
+        mask = self.split == split
+        return self.images[mask], self.labels[mask]
+
+    def select(self, mask_or_index) -> "FERData":
+        """A new FERData holding only the selected images (bookkeeping fields are kept)."""
+        return dataclasses.replace(
+            self, images=self.images[mask_or_index], labels=self.labels[mask_or_index],
+            split=self.split[mask_or_index], source_ids=self.source_ids[mask_or_index])
+
+    def summary(self) -> dict:
+        """Small JSON-able description for manifests."""
+        return {
+            "source": self.source, "source_hash": self.source_hash, "num_images": len(self),
+            "per_split": {s: int((self.split == s).sum()) for s in SPLITS},
+            "skipped": len(self.skipped), "skipped_examples": self.skipped[:20],
+            "converted": int(self.converted),
+        }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def class_index(name: str, class_map: dict | None = None) -> int | None:
+    """Index of a class folder name (case-insensitive, common aliases), or None if unknown."""
+    key = name.strip().lower()
+    if class_map:
+        lowered = {k.lower(): v for k, v in class_map.items()}
+        key = lowered.get(key, key).lower()
+    canonical = CLASS_ALIASES.get(key)
+    return EMOTIONS.index(canonical) if canonical else None
+
+
+def _decode_image(raw: bytes) -> tuple[np.ndarray, bool]:
+    """Decode image bytes to uint8 (48, 48) gray; also say whether a conversion was needed."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as image:
+        converted = image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE)
+        if image.mode != "L":
+            image = image.convert("L")
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8), converted
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_hash(path: Path) -> str:
+    """sha256 of a file, or of a folder's listing (relative names, sizes, mtimes)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class _Collector:
+    """Accumulates decoded entries; raises or records bad ones depending on ``on_error``."""
+
+    def __init__(self, on_error: str):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+        self.images, self.labels, self.split, self.ids = [], [], [], []
+        self.skipped: list[tuple[str, str]] = []
+        self.converted = 0
+
+    def bad(self, entry: str, reason: str) -> None:
+        if self.on_error == "raise":
+            raise FERDataError(f"{entry}: {reason}")
+        self.skipped.append((entry, reason))
+
+    def add(self, image, label, split, source_id, converted=False) -> None:
+        self.images.append(image)
+        self.labels.append(label)
+        self.split.append(split)
+        self.ids.append(source_id)
+        self.converted += int(converted)
+
+    def result(self, source: str) -> FERData:
+        images = (np.stack(self.images) if self.images
+                  else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
+        return FERData(images=images.astype(np.uint8), labels=np.asarray(self.labels, np.int64),
+                       split=np.asarray(self.split, dtype="<U5"),
+                       source_ids=np.asarray(self.ids, dtype=str),
+                       skipped=self.skipped, converted=self.converted, source=source)
+
+
+# ----------------------------------------------------------------------------- CSV reader
+
+def read_csv(path: Path, on_error: str = "raise") -> FERData:
+    """Read the challenge CSV (``emotion,pixels,Usage``; plain or gzip-compressed)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    collector = _Collector(on_error)
+    try:
+        with opener(path, "rt", newline="") as handle:
+            reader = csv.reader(handle)
+            header = tuple(h.strip() for h in next(reader, ()))
+            if header != CSV_HEADER:
+                raise FERDataError(
+                    f"{path}: row 1 (header): expected columns {','.join(CSV_HEADER)}, "
+                    f"got {','.join(header) or 'an empty file'}")
+            for row_number, row in enumerate(reader, start=2):
+                entry = f"{path}: row {row_number}"
+                if len(row) != 3:
+                    collector.bad(entry, f"expected 3 fields, got {len(row)}")
+                    continue
+                emotion, pixels, usage = (field.strip() for field in row)
+                if not emotion.isdigit() or not 0 <= int(emotion) < len(EMOTIONS):
+                    collector.bad(entry, f"emotion {emotion!r} is not an integer in 0..6")
+                    continue
+                if usage not in USAGE_TO_SPLIT:
+                    collector.bad(entry, f"Usage {usage!r} is not one of "
+                                         f"{', '.join(USAGE_TO_SPLIT)}")
+                    continue
+                try:
+                    values = np.array(pixels.split(), dtype=np.int64)
+                except ValueError:
+                    values = None
+                if values is None or values.size != IMAGE_SIZE * IMAGE_SIZE \
+                        or values.min() < 0 or values.max() > 255:
+                    count = "non-integer values" if values is None else f"{values.size} values"
+                    collector.bad(entry, f"pixels must be {IMAGE_SIZE * IMAGE_SIZE} integers "
+                                         f"in 0..255 ({count} found)")
+                    continue
+                collector.add(values.reshape(IMAGE_SIZE, IMAGE_SIZE).astype(np.uint8),
+                              int(emotion), USAGE_TO_SPLIT[usage], f"row{row_number}")
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:
+        raise FERDataError(f"{path}: cannot read as a FER2013 CSV ({error})") from error
+    return collector.result(str(path))
+
+
+# ----------------------------------------------------------------------------- folder / zip
+
+def _split_of(parts: tuple[str, ...]) -> tuple[str | None, str, str]:
+    """(split or None, class folder, top folder) for an entry's path parts below the root."""
+    class_folder, file_name = parts[-2], parts[-1]
+    top = parts[-3].lower() if len(parts) >= 3 else ""
+    prefix = re.split(r"[_\-.]", file_name, maxsplit=1)[0].lower()
+    return FILE_PREFIX_TO_SPLIT.get(prefix), class_folder, top
+
+
+def _read_entries(entries, root: str, on_error: str, class_map: dict | None,
+                  val_fraction: float, seed: int) -> FERData:
+    """Shared logic for folders and zips: ``entries`` yields (name, relative parts, reader)."""
+    collector = _Collector(on_error)
+    unsplit: list[int] = []  # indices whose split came from the folder, not the file name
+    for name, parts, read in entries:
+        if len(parts) < 2:
+            continue  # a file at the root (README, licence) is not an image of a class
+        split, class_folder, top = _split_of(parts)
+        label = class_index(class_folder, class_map)
+        entry = f"{root}: {name}"
+        if label is None:
+            known = ", ".join(sorted(set(CLASS_ALIASES)))
+            raise FERDataError(f"{entry}: unknown class folder {class_folder!r}; known names "
+                               f"(case-insensitive): {known}; map others with a class map "
+                               f"(e.g. --class-map contempt=disgust)")
+        try:
+            image, converted = _decode_image(read())
+        except Exception as error:  # PIL raises many types for corrupt data
+            collector.bad(entry, f"cannot decode image ({type(error).__name__}: {error})")
+            continue
+        if split is None:
+            split = "train" if top in ("train", "training") else "test"
+            unsplit.append(len(collector.labels))
+        collector.add(image, label, split, name, converted)
+    data = collector.result(root)
+    if unsplit:
+        data.split[_stratified_val_slice(data, np.asarray(unsplit), val_fraction, seed)] = "val"
+    return data
+
+
+def _stratified_val_slice(data: FERData, candidates: np.ndarray, fraction: float,
+                          seed: int) -> np.ndarray:
+    """Indices of a seeded stratified ``fraction`` of the train images among ``candidates``."""
+    train = candidates[data.split[candidates] == "train"]
+    if fraction <= 0 or len(train) == 0:
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(data.labels[train]):
+        members = train[data.labels[train] == label]
+        count = int(round(len(members) * fraction))
+        chosen.append(rng.permutation(members)[:count])
+    return np.concatenate(chosen)
+
+
+def read_folder(path: Path, on_error="raise", class_map=None, val_fraction=0.1, seed=0):
+    """Read an image-folder root (``train/<class>/``, ``test/<class>/`` or just ``<class>/``)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FERDataError(f"{path}: no images found (expected train/<class>/*.jpg, "
+                           f"test/<class>/*.jpg or <class>/*.jpg)")
+    entries = ((str(f.relative_to(path)), f.relative_to(path).parts, f.read_bytes)
+               for f in files)
+    return _read_entries(entries, str(path), on_error, class_map, val_fraction, seed)
+
+
+def read_zip(path: Path, on_error="raise", class_map=None, val_fraction=0.1, seed=0):
+    """Read a ``.zip`` of the image-folder layout without extracting it to disk."""
+    path = Path(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as error:
+        raise FERDataError(f"{path}: not a readable zip archive ({error})") from error
+    with archive:
+        names = sorted(n for n in archive.namelist()
+                       if not n.endswith("/") and "__MACOSX" not in n
+                       and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
+        if not names:
+            raise FERDataError(f"{path}: the archive holds no images")
+        # A common top folder (fer2013/train/...) is not part of the layout.
+        first = {PurePosixPath(n).parts[0] for n in names}
+        strip = 1 if len(first) == 1 and all(len(PurePosixPath(n).parts) >= 4 for n in names) \
+            else 0
+        entries = ((n, PurePosixPath(n).parts[strip:], lambda n=n: archive.read(n))
+                   for n in names)
+        return _read_entries(entries, str(path), on_error, class_map, val_fraction, seed)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def detect_format(path: Path) -> str:
+    """``csv``, ``zip`` or ``folder``; raises for a missing path or an unrecognised layout."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetNotFoundError(f"{path}: no such file or folder")
+    name = path.name.lower()
+    if path.is_dir():
+        return "folder"
+    if name.endswith((".csv", ".csv.gz")):
+        return "csv"
+    if name.endswith(".zip"):
+        return "zip"
+    raise FERDataError(f"{path}: unrecognised layout; expected the challenge CSV "
+                       f"(fer2013.csv, optionally .gz), an image-folder root or a .zip of it")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FERLIB_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+
+
+def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None,
+                 val_fraction: float = 0.1, seed: int = 0, cache: bool = True,
+                 cache_dir: Path | None = None) -> FERData:
+    """Load a FER-style dataset from a CSV, an image folder or a zip (auto-detected).
+
+    Parameters
+    ----------
+    path : str or Path
+        The challenge CSV, an image-folder root or a zip of that layout.
+    on_error : {"raise", "skip"}
+        Raise on the first bad entry, or skip bad entries and list them in ``skipped``.
+    class_map : dict, optional
+        Extra class-folder names, ``{"contempt": "disgust"}``.
+    val_fraction, seed : float, int
+        Used only when file names carry no official split: the seeded stratified slice of
+        ``train/`` that becomes the validation set.
+    cache : bool
+        Read and write a ``.npz`` cache keyed by the source's hash and these options.
+
+    Returns
+    -------
+    FERData
+    """
+    path = Path(path).expanduser()
+    kind = detect_format(path)
+    digest = source_hash(path)
+    options = {"on_error": on_error, "class_map": class_map, "val_fraction": val_fraction,
+               "seed": seed, "version": CACHE_VERSION}
+    key = hashlib.sha256((digest + json.dumps(options, sort_keys=True)).encode()).hexdigest()
+    cache_file = Path(cache_dir or default_cache_dir()) / f"fer-{key[:24]}.npz"
+    if cache and cache_file.exists():
+        try:
+            return _read_cache(cache_file, str(path), digest)
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            cache_file.unlink(missing_ok=True)
+    if kind == "csv":
+        data = read_csv(path, on_error)
+    else:
+        reader = read_zip if kind == "zip" else read_folder
+        data = reader(path, on_error, class_map, val_fraction, seed)
+    data.source_hash = digest
+    if len(data) == 0:
+        raise FERDataError(f"{path}: no usable images ({len(data.skipped)} skipped)")
+    if cache:
+        _write_cache(cache_file, data)
+    return data
+
+
+def _write_cache(cache_file: Path, data: FERData) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp.npz")
+    os.close(handle)
+    np.savez(temp, images=data.images, labels=data.labels, split=data.split,
+             source_ids=data.source_ids,
+             skipped=np.asarray(json.dumps(data.skipped)), converted=data.converted)
+    os.replace(temp, cache_file)
+
+
+def _read_cache(cache_file: Path, source: str, digest: str) -> FERData:
+    with np.load(cache_file, allow_pickle=False) as archive:
+        return FERData(images=archive["images"], labels=archive["labels"],
+                       split=archive["split"], source_ids=archive["source_ids"],
+                       skipped=[tuple(s) for s in json.loads(str(archive["skipped"]))],
+                       converted=int(archive["converted"]), source=source, source_hash=digest)
+
+
+# ----------------------------------------------------------------------------- splits
+
+def official_splits(data: FERData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The protocol: train = Training, val = PublicTest (selection), test = PrivateTest."""
+    return {split: data.subset(split) for split in SPLITS}
+
+
+def subsample(data: FERData, per_split: dict[str, int], seed: int = 0) -> FERData:
+    """A seeded, stratified subset with at most ``per_split[split]`` images per split."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for split in SPLITS:
+        index = np.flatnonzero(data.split == split)
+        limit = per_split.get(split)
+        if limit is None or limit >= len(index):
+            keep.append(index)
+            continue
+        # Proportional per class, at least one image of each class present.
+        labels = data.labels[index]
+        chosen = []
+        for label in np.unique(labels):
+            members = index[labels == label]
+            count = max(1, int(round(limit * len(members) / len(index))))
+            chosen.append(rng.permutation(members)[:count])
+        keep.append(np.sort(np.concatenate(chosen)))
+    return data.select(np.concatenate(keep))
+
+
+def stratified_folds(labels: np.ndarray, k: int = 5, seed: int = 0):
+    """Seeded stratified k folds: a list of (train_index, val_index) into ``labels``."""
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+def class_weights(labels: np.ndarray, num_classes: int = len(EMOTIONS)) -> dict[int, float]:
+    """Balanced class weights ``N / (C * count_c)`` for the classes present."""
+    counts = np.bincount(labels, minlength=num_classes)
+    total = counts.sum()
+    return {c: float(total / (num_classes * n)) if n else 0.0 for c, n in enumerate(counts)}
+
+
+# ----------------------------------------------------------------------------- data checks
+
+def class_counts(data: FERData) -> pd.DataFrame:
+    """Images per class (rows, in EMOTIONS order) and split (columns), with totals."""
+    table = pd.crosstab(pd.Categorical(np.asarray(EMOTIONS)[data.labels], EMOTIONS),
+                        pd.Categorical(data.split, SPLITS), dropna=False)
+    table.index.name, table.columns.name = "emotion", "split"
+    table = table.reindex(index=list(EMOTIONS), columns=list(SPLITS), fill_value=0)
+    table["total"] = table.sum(axis=1)
+    table.loc["total"] = table.sum(axis=0)
+    return table
+
+
+def content_hashes(images: np.ndarray) -> np.ndarray:
+    return np.array([hashlib.blake2b(image.tobytes(), digest_size=12).hexdigest()
+                     for image in images])
+
+
+def duplicates(data: FERData) -> pd.DataFrame:
+    """Groups of exactly identical images: one row per image that has a twin.
+
+    Columns: group, index, source_id, split, label, group_size, splits_in_group,
+    conflicting_labels.
+    """
+    frame = pd.DataFrame({"hash": content_hashes(data.images), "index": np.arange(len(data)),
+                          "source_id": data.source_ids, "split": data.split,
+                          "label": np.asarray(EMOTIONS)[data.labels]})
+    frame = frame[frame.duplicated("hash", keep=False)].copy()
+    if frame.empty:
+        return frame.assign(group=[], group_size=[], splits_in_group=[], conflicting_labels=[])
+    grouped = frame.groupby("hash")
+    frame["group"] = grouped.ngroup()
+    frame["group_size"] = grouped["index"].transform("size")
+    frame["splits_in_group"] = grouped["split"].transform(lambda s: "+".join(sorted(set(s))))
+    frame["conflicting_labels"] = grouped["label"].transform("nunique") > 1
+    return frame.drop(columns="hash").sort_values(["group", "index"]).reset_index(drop=True)
+
+
+def duplicate_summary(data: FERData, dups: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Counts of duplicate groups within one split and across splits."""
+    dups = duplicates(data) if dups is None else dups
+    groups = dups.drop_duplicates("group")
+    rows = []
+    for name, selected in [("within " + s, groups[groups.splits_in_group == s]) for s in SPLITS]:
+        rows.append((name, len(selected), int(selected.group_size.sum())))
+    across = groups[groups.splits_in_group.str.contains(r"\+")]
+    rows.append(("across splits", len(across), int(across.group_size.sum())))
+    conflicting = groups[groups.conflicting_labels]
+    rows.append(("with conflicting labels", len(conflicting), int(conflicting.group_size.sum())))
+    return pd.DataFrame(rows, columns=["kind", "groups", "images"]).set_index("kind")
+
+
+def near_blank(data: FERData, std_threshold: float = 3.0) -> pd.DataFrame:
+    """Images whose pixel standard deviation is below ``std_threshold`` (blank or flat)."""
+    stds = data.images.reshape(len(data), -1).std(axis=1)
+    index = np.flatnonzero(stds < std_threshold)
+    return pd.DataFrame({"index": index, "source_id": data.source_ids[index],
+                         "split": data.split[index],
+                         "label": np.asarray(EMOTIONS)[data.labels[index]],
+                         "pixel_std": stds[index].round(3)})
+
+
+def pixel_statistics(data: FERData) -> pd.DataFrame:
+    """Mean and standard deviation of pixel values per split (for normalisation checks)."""
+    rows = {}
+    for split in SPLITS:
+        images = data.images[data.split == split].astype(np.float32)
+        if len(images):
+            rows[split] = {"images": len(images), "mean": images.mean(), "std": images.std(),
+                           "mean_image_std": images.reshape(len(images), -1).std(1).mean()}
+    return pd.DataFrame(rows).T
