@@ -6,3 +6,6 @@ EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 NUM_CLASSES = len(EMOTIONS)
 
 __version__ = "0.1.0"
+
+MODEL_NAMES = ("alexnet", "resnet50v2", "vit")
+"""Models in the registry (``ferlib.models.build_model``), cheapest first."""

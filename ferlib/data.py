@@ -516,3 +516,18 @@ def pixel_statistics(data: FERData) -> pd.DataFrame:
             rows[split] = {"images": len(images), "mean": images.mean(), "std": images.std(),
                            "mean_image_std": images.reshape(len(images), -1).std(1).mean()}
     return pd.DataFrame(rows).T
+
+
+def load_dataset(params: dict, progress: bool = False) -> FERData:
+    """The dataset a profile asks for: its source (``FER2013_PATH`` wins), options and limits."""
+    from ferlib.config import resolve_data_path
+
+    settings = params["data"]
+    path = resolve_data_path(os.environ.get("FER2013_PATH") or settings["path"])
+    if progress:
+        print(f"loading {path}", flush=True)
+    data = load_fer2013(path, on_error=settings["on_error"], val_fraction=settings["val_fraction"],
+                        seed=params["seed"])
+    if settings["limit_per_split"]:
+        data = subsample(data, settings["limit_per_split"], seed=params["seed"])
+    return data

@@ -1,0 +1,87 @@
+"""Command line: ``python -m ferlib <command>`` (report, train, evaluate, predict, data-summary)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _data_summary(args) -> int:
+    from ferlib import data as fer_data
+    from ferlib.config import resolve_data_path
+
+    path = resolve_data_path(args.data)
+    dataset = fer_data.load_fer2013(path, on_error=args.on_error)
+    print(f"{path}  ({len(dataset):,} images, {dataset.converted} converted, "
+          f"{len(dataset.skipped)} skipped)\n")
+    print(fer_data.class_counts(dataset).to_string(), "\n")
+    print(fer_data.duplicate_summary(dataset).to_string(), "\n")
+    print(f"near-blank images (pixel std < 3): {len(fer_data.near_blank(dataset))}")
+    return 0
+
+
+def _train(args) -> int:
+    from ferlib.config import load_params, parse_overrides
+    from ferlib.data import load_dataset
+    from ferlib.runs import run_dir
+    from ferlib.train import train, train_cv
+
+    params = load_params(args.profile, parse_overrides(args.set))
+    dataset = load_dataset(params, progress=True)
+    directory = args.run_dir or run_dir(params["profile"])
+    for name in args.model or params["models"]:
+        (train_cv if params["cv_folds"] else train)(name, dataset, params, directory)
+    return 0
+
+
+def _report(args) -> int:
+    from ferlib.pipeline import report
+
+    return report(args.profile, overrides=args.set, run_root=args.run_dir,
+                  reports_root=args.reports_dir, force=args.force)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ferlib", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    summary = commands.add_parser("data-summary", help="per-split, per-class counts, "
+                                  "duplicates and near-blank images")
+    summary.add_argument("--data", help="FER2013 CSV, folder or zip (default: FER2013_PATH "
+                         "or data/)")
+    summary.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    summary.set_defaults(handler=_data_summary)
+
+    for name, handler, text in (("train", _train, "train models of a profile"),
+                                ("report", _report, "run the notebooks and render reports")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--profile", default="quick", help="params/<profile>.yaml")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a parameter, e.g. --set train.epochs=3")
+        sub.add_argument("--run-dir", help="default: runs/<profile>")
+        sub.set_defaults(handler=handler)
+    commands.choices["train"].add_argument("--model", action="append",
+                                           help="model to train (repeatable; default: all)")
+    commands.choices["report"].add_argument("--reports-dir", help="default: reports/")
+    commands.choices["report"].add_argument("--force", action="store_true",
+                                            help="re-execute every notebook")
+
+    try:
+        from ferlib import apply
+    except ImportError:
+        apply = None
+    if apply is not None:
+        apply.add_commands(commands)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Model registry: ``build_model(name, ...)`` returns a Functional, backend-agnostic Keras 3 model.
+
+Every model takes uint8 gray images ``(batch, 48, 48)`` or ``(batch, 48, 48, 1)`` and outputs
+logits. Its first layers rescale to [0, 1], augment (active only in training), resize to the
+model's input size, turn gray into 3 channels and rescale to the backbone's expected range, so a
+saved ``.keras`` file is all that is needed to classify raw FER crops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from ferlib import MODEL_NAMES, NUM_CLASSES
+
+IMAGE_SIZE = 48
+RESNET_IMAGENET_FILE = "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+VIT_IMAGENET_PRESET = "vit_base_patch16_224_imagenet"
+
+
+@keras.saving.register_keras_serializable(package="ferlib")
+class ClassToken(layers.Layer):
+    """Select the class token (position 0) of a ``(batch, tokens, dim)`` sequence."""
+
+    def call(self, inputs):
+        return inputs[:, 0, :]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+
+@keras.saving.register_keras_serializable(package="ferlib")
+class GrayToRGB(layers.Layer):
+    """Repeat a single gray channel three times (backbones expect RGB)."""
+
+    def call(self, inputs):
+        return keras.ops.repeat(inputs, 3, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 3)
+
+
+def augmentation_layers(augment: dict | None, seed: int | None = None) -> list[layers.Layer]:
+    """Keras core augmentation layers (active only when ``training=True``) on [0, 1] images.
+
+    MixUp and CutMix need the labels, so they are applied to batches in ``ferlib.train``.
+    """
+    augment = augment or {}
+    stack = []
+    if augment.get("flip"):
+        stack.append(layers.RandomFlip("horizontal", seed=seed))
+    if augment.get("rotation"):
+        stack.append(layers.RandomRotation(augment["rotation"], fill_mode="reflect", seed=seed))
+    if augment.get("translation"):
+        stack.append(layers.RandomTranslation(augment["translation"], augment["translation"],
+                                              fill_mode="reflect", seed=seed))
+    if augment.get("zoom"):
+        stack.append(layers.RandomZoom(augment["zoom"], fill_mode="reflect", seed=seed))
+    if augment.get("rand_augment"):
+        stack.append(layers.RandAugment(value_range=(0, 1), seed=seed))
+    if augment.get("erasing"):
+        stack.append(layers.RandomErasing(factor=augment["erasing"], value_range=(0, 1),
+                                          seed=seed))
+    return stack
+
+
+def stem(inputs, input_size: int, augment: dict | None, scale_to: str, seed=None):
+    """uint8 gray -> augmented, resized, 3-channel float in the backbone's range.
+
+    ``scale_to`` is ``"unit"`` for [0, 1] or ``"symmetric"`` for [-1, 1].
+    """
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    for layer in augmentation_layers(augment, seed):
+        x = layer(x)
+    if input_size != IMAGE_SIZE:
+        x = layers.Resizing(input_size, input_size, name="resize")(x)
+    x = GrayToRGB(name="gray_to_rgb")(x)
+    if scale_to == "symmetric":
+        x = layers.Rescaling(2.0, offset=-1.0, name="to_symmetric")(x)
+    return x
+
+
+def _inputs():
+    return keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype="uint8", name="image")
+
+
+def _logits(x, num_classes: int):
+    # Logits in float32 even under a mixed-precision policy: the loss needs the range.
+    return layers.Dense(num_classes, dtype="float32", name="logits")(x)
+
+
+def _check_local_weights(weights: str | None) -> None:
+    if weights not in (None, "imagenet") and not Path(weights).exists():
+        raise FileNotFoundError(f"weights: no file {weights}; pass None, 'imagenet' or the path "
+                                f"of a local weights file")
+
+
+def build_alexnet(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, width=1.0,
+                  dense_units=1024, dropout_rate=0.5, weights=None, augment=None, seed=None):
+    """AlexNet-style CNN for 48x48 faces: 5 conv layers, 3 fully connected with dropout.
+
+    Like the original's stride-4 first layer, it downsamples early (stride-2 conv, then
+    pooling), so it trains several times faster than a full-resolution design.
+    """
+    _check_local_weights(weights)
+    filters = [max(8, int(round(f * width))) for f in (64, 128, 192, 192, 128)]
+    inputs = _inputs()
+    x = stem(inputs, input_size, augment, "unit", seed)
+
+    def conv(x, n, kernel, strides=1, name=""):
+        x = layers.Conv2D(n, kernel, strides=strides, padding="same", use_bias=False,
+                          name=name)(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.ReLU(name=f"{name}_relu")(x)
+
+    x = conv(x, filters[0], 5, strides=2, name="conv1")            # 48 -> 24
+    x = conv(x, filters[1], 3, name="conv2")
+    x = layers.MaxPooling2D(2, name="pool2")(x)                     # 24 -> 12
+    x = conv(x, filters[2], 3, name="conv3")
+    x = conv(x, filters[3], 3, name="conv4")
+    x = conv(x, filters[4], 3, name="conv5")
+    x = layers.MaxPooling2D(2, name="pool5")(x)                     # 12 -> 6
+    x = layers.Flatten(name="flatten")(x)
+    for index in (1, 2):
+        x = layers.Dense(dense_units, use_bias=False, name=f"fc{index}")(x)
+        x = layers.BatchNormalization(name=f"fc{index}_bn")(x)
+        x = layers.ReLU(name=f"fc{index}_relu")(x)
+        x = layers.Dropout(dropout_rate, name=f"fc{index}_dropout")(x)
+    model = keras.Model(inputs, _logits(x, num_classes), name="alexnet")
+    if weights == "imagenet":
+        raise ValueError("weights: the AlexNet-style baseline has no ImageNet weights; "
+                         "use None or a local weights file")
+    if weights:
+        model.load_weights(weights)
+    return model
+
+
+def build_resnet50v2(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, dropout_rate=0.3,
+                     bn_momentum=0.9, weights=None, augment=None, seed=None):
+    """``keras.applications.ResNet50V2`` backbone with a new head (GAP, dropout, Dense logits).
+
+    ``weights``: None (from scratch), ``"imagenet"`` (downloaded by Keras, or read from
+    ``~/.keras/models/`` when placed there by hand) or a local backbone weights file.
+    ``bn_momentum`` replaces Keras' 0.99: with few steps per epoch and a high learning rate the
+    moving statistics lag the weights and inference-mode accuracy swings (measured here).
+    """
+    _check_local_weights(weights)
+    inputs = _inputs()
+    x = stem(inputs, input_size, augment, "symmetric", seed)
+    try:
+        backbone = keras.applications.ResNet50V2(
+            include_top=False, weights=weights, input_shape=(input_size, input_size, 3))
+    except Exception as error:
+        if weights != "imagenet":
+            raise
+        raise RuntimeError(
+            f"weights='imagenet': could not download the ResNet50V2 ImageNet weights ({error}). "
+            f"This machine may be offline: download {RESNET_IMAGENET_FILE} elsewhere and put it "
+            f"in ~/.keras/models/, or pass its path as weights=PATH") from error
+    for layer in backbone.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = bn_momentum
+    x = backbone(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(dropout_rate, name="head_dropout")(x)
+    return keras.Model(inputs, _logits(x, num_classes), name="resnet50v2")
+
+
+def build_vit(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, patch_size=6, num_layers=6,
+              num_heads=4, hidden_dim=192, mlp_dim=384, dropout_rate=0.1,
+              attention_dropout=0.0, weights=None, augment=None, seed=None):
+    """``keras_hub.models.ViTBackbone`` with a class-token head.
+
+    ``weights="imagenet"`` loads the keras-hub preset ``vit_base_patch16_224_imagenet`` (which
+    fixes the architecture: 224 px, patch 16, 12 layers, 768 dims); a local file loads backbone
+    weights saved with ``backbone.save_weights``.
+    """
+    import keras_hub
+
+    _check_local_weights(weights)
+    if input_size % patch_size:
+        raise ValueError(f"model_params.vit.patch_size: {patch_size} does not divide "
+                         f"input_size {input_size}")
+    inputs = _inputs()
+    x = stem(inputs, input_size, augment, "symmetric", seed)
+    if weights == "imagenet":
+        try:
+            backbone = keras_hub.models.ViTBackbone.from_preset(VIT_IMAGENET_PRESET)
+        except Exception as error:
+            raise RuntimeError(
+                f"weights='imagenet': could not load the keras-hub preset {VIT_IMAGENET_PRESET} "
+                f"({error}). This machine may be offline: download the preset elsewhere and pass "
+                f"its local folder or a saved backbone weights file as weights=PATH") from error
+    else:
+        backbone = keras_hub.models.ViTBackbone(
+            image_shape=(input_size, input_size, 3), patch_size=patch_size,
+            num_layers=num_layers, num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim,
+            dropout_rate=dropout_rate, attention_dropout=attention_dropout)
+        if weights:
+            backbone.load_weights(weights)
+    x = ClassToken(name="class_token")(backbone(x))
+    x = layers.Dropout(dropout_rate, name="head_dropout")(x)
+    return keras.Model(inputs, _logits(x, num_classes), name="vit")
+
+
+REGISTRY = {"alexnet": build_alexnet, "resnet50v2": build_resnet50v2, "vit": build_vit}
+assert tuple(REGISTRY) == MODEL_NAMES
+
+
+def build_model(name: str, *, num_classes: int = NUM_CLASSES, **hyperparameters) -> keras.Model:
+    """Build a registered model.
+
+    Parameters
+    ----------
+    name : str
+        One of ``ferlib.MODEL_NAMES``.
+    num_classes : int
+    **hyperparameters
+        The model's parameters from ``params.model_params.<name>`` plus ``augment`` (the
+        augmentation settings) and ``seed``.
+
+    Returns
+    -------
+    keras.Model
+        Functional model mapping uint8 ``(batch, 48, 48[, 1])`` images to logits.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"model: unknown model {name!r}; allowed values: {', '.join(REGISTRY)}")
+    return REGISTRY[name](num_classes, **hyperparameters)
+
+
+def count_flops(model: keras.Model) -> int | None:
+    """Forward FLOPs per image (multiply-adds x 2) from the TF graph profiler, if available."""
+    try:
+        import tensorflow as tf
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2)
+    except ImportError:
+        return None
+    try:
+        spec = tf.TensorSpec((1, IMAGE_SIZE, IMAGE_SIZE, 1), tf.uint8)
+        function = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+        frozen = convert_variables_to_constants_v2(function)
+        options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+        options["output"] = "none"
+        info = tf.compat.v1.profiler.profile(graph=frozen.graph, options=options)
+        return int(info.total_float_ops)
+    except Exception:
+        return None

@@ -1,0 +1,125 @@
+"""Run directories and their bookkeeping: atomic writes, manifests, settings fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from ferlib.config import PROJECT_ROOT
+
+PACKAGES = ("tensorflow", "keras", "keras-hub", "jax", "torch", "numpy", "pandas",
+            "scikit-learn", "papermill", "nbconvert")
+
+
+def run_dir(profile: str, root: Path | None = None) -> Path:
+    """``runs/<profile>/`` under the project root (or ``root``)."""
+    return Path(root or PROJECT_ROOT / "runs") / profile
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+        os.chmod(temp, 0o644)  # mkstemp makes 0600 files; artifacts are for sharing
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, value) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def read_json(path: Path, default=None):
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def write_yaml(path: Path, value) -> None:
+    atomic_write_text(path, yaml.safe_dump(value, sort_keys=False))
+
+
+def atomic_save(save, path: Path) -> None:
+    """Call ``save(temp_path)`` (e.g. ``model.save``) then rename onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keras insists on the final suffix (.keras / .weights.h5), so keep it on the temp name.
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".weights.h5") else path.suffix
+    temp = path.with_name(f".{path.stem}.tmp{os.getpid()}{suffix}")
+    try:
+        save(str(temp))
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def fingerprint(value) -> str:
+    """Stable short hash of a JSON-able value (used to notice changed settings or inputs)."""
+    text = json.dumps(value, sort_keys=True, default=_jsonable)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, text=True,
+                             capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=PROJECT_ROOT, text=True, capture_output=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def environment() -> dict:
+    """Machine and software facts for a manifest."""
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+            "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
+            "packages": package_versions(), "git_commit": git_commit(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,406 @@
+"""Training: fit one model on the official split (or k folds), resumable, timed, with artifacts.
+
+``train(model_name, data, params, run_dir)`` writes ``run_dir/models/<name>/``:
+
+- ``best.keras``: the model at its best validation (PublicTest) accuracy, without optimizer state
+- ``history.csv``: per epoch train/val loss and accuracy, learning rate
+- ``timing.csv``: per epoch seconds (training, evaluation) and training images per second
+- ``predictions.npz``: validation and test probabilities (and test with flip TTA), labels
+- ``metrics.json``: best epoch, why training stopped, validation and test metrics
+- ``settings.json``: everything that determined the training (compared on resume)
+
+After every epoch an epoch-numbered checkpoint (model + optimizer) and ``state.json`` are
+written atomically; ``state.json`` is the commit point, so a run killed at any moment (even
+``kill -9``) resumes from its last completed epoch and lists every epoch exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ferlib import NUM_CLASSES, metrics
+from ferlib.config import model_settings
+from ferlib.data import FERData, class_weights, stratified_folds
+from ferlib.runs import atomic_save, fingerprint, read_json, write_json
+
+STATE_FILE = "state.json"
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def learning_rate_at(step: int, steps_per_epoch: int, planned_epochs: int, train: dict,
+                     plateau_scale: float = 1.0) -> float:
+    """Learning rate at an optimizer step: linear warm-up, then cosine / plateau / constant."""
+    base = train["learning_rate"]
+    warmup_steps = int(train["warmup_epochs"] * steps_per_epoch)
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    if train["schedule"] == "cosine":
+        total = max(planned_epochs * steps_per_epoch - warmup_steps, 1)
+        progress = min(1.0, (step - warmup_steps) / total)
+        floor = train["min_learning_rate"]
+        return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return base * plateau_scale
+
+
+def _make_callbacks(state: dict, steps_per_epoch: int, train_settings: dict, show_bar: bool):
+    import keras
+
+    class LearningRateController(keras.callbacks.Callback):
+        """Sets the learning rate every step from the resumable state (no hidden schedule)."""
+
+        def on_train_batch_begin(self, batch, logs=None):
+            step = int(self.model.optimizer.iterations.numpy()) if hasattr(
+                self.model.optimizer.iterations, "numpy") else int(
+                keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            self.model.optimizer.learning_rate = learning_rate_at(
+                step, steps_per_epoch, state["planned_epochs"], train_settings,
+                state["plateau_scale"])
+
+    callbacks = [LearningRateController()]
+    if show_bar:
+        from tqdm.auto import tqdm
+
+        class Bar(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.bar = tqdm(total=steps_per_epoch, leave=False, unit="batch",
+                                desc=f"epoch {epoch + 1}")
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.bar.update(1)
+                if logs and batch % 20 == 0:
+                    self.bar.set_postfix(loss=f"{logs.get('loss', 0):.3f}")
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.bar.close()
+
+        callbacks.append(Bar())
+    return callbacks
+
+
+# ----------------------------------------------------------------------------- batches
+
+def _batches(images, onehot, batch_size, augment, seed):
+    """In-memory arrays, or a PyDataset applying Keras core MixUp / CutMix to whole batches."""
+    if not (augment.get("mixup") or augment.get("cutmix")):
+        return images, onehot
+    import keras
+
+    class MixedBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self.order = self.rng.permutation(len(images))
+            self.mixup = keras.layers.MixUp(seed=seed)
+            self.cutmix = keras.layers.CutMix(seed=seed)
+
+        def __len__(self):
+            return math.ceil(len(images) / batch_size)
+
+        def __getitem__(self, index):
+            chosen = self.order[index * batch_size:(index + 1) * batch_size]
+            x, y = images[chosen].astype("float32"), onehot[chosen]
+            for layer, probability in ((self.mixup, augment["mixup"]),
+                                       (self.cutmix, augment["cutmix"])):
+                if probability and self.rng.random() < probability:
+                    mixed = layer({"images": x, "labels": y}, training=True)
+                    x = keras.ops.convert_to_numpy(mixed["images"])
+                    y = keras.ops.convert_to_numpy(mixed["labels"])
+            return np.clip(np.rint(x), 0, 255).astype("uint8"), y
+
+        def on_epoch_end(self):
+            self.order = self.rng.permutation(len(images))
+
+    return MixedBatches(), None
+
+
+# ----------------------------------------------------------------------------- model set-up
+
+def _prepare_backend(settings: dict) -> None:
+    import keras
+
+    keras.utils.set_random_seed(settings["seed"])
+    keras.mixed_precision.set_global_policy(settings["train"]["precision"])
+    if settings["train"]["deterministic"] and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def build_for_settings(settings: dict):
+    from ferlib.models import build_model
+
+    return build_model(settings["model"], augment=settings["augment"], seed=settings["seed"],
+                       **settings["model_params"])
+
+
+def _compile(model, settings: dict) -> None:
+    import keras
+
+    train = settings["train"]
+    lr, decay = train["learning_rate"], train["weight_decay"] or None
+    optimizer = {
+        "adam": lambda: keras.optimizers.Adam(lr, weight_decay=decay),
+        "adamw": lambda: keras.optimizers.AdamW(lr, weight_decay=train["weight_decay"]),
+        "sgd": lambda: keras.optimizers.SGD(lr, momentum=train["momentum"], nesterov=True,
+                                            weight_decay=decay),
+    }[train["optimizer"]]()
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.CategoricalCrossentropy(
+                      from_logits=True, label_smoothing=train["label_smoothing"]),
+                  metrics=["accuracy"], jit_compile=train["jit_compile"])
+
+
+def predict_proba(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (softmax of the model's logits) for uint8 images."""
+    logits = model.predict(images, batch_size=batch_size, verbose=0)
+    return metrics.softmax(np.asarray(logits, dtype=np.float64))
+
+
+def _cross_entropy(labels: np.ndarray, proba: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-12, 1))))
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bool = True,
+          subdir: str | None = None) -> dict:
+    """Train ``model_name`` on ``data``'s train split, select on val, report test once.
+
+    Parameters
+    ----------
+    model_name : str
+    data : FERData
+        Uses the ``train`` split to fit, ``val`` (PublicTest) for selection and early stopping,
+        ``test`` (PrivateTest) only for the final report.
+    params : dict
+        Resolved parameters (``ferlib.config.load_params``).
+    run_dir : path
+        Artifacts go to ``run_dir/models/<model_name>[/<subdir>]``.
+    progress : bool
+        Print one line per epoch (and a batch bar on a terminal).
+
+    Returns
+    -------
+    dict
+        The content of ``metrics.json``.
+    """
+    import keras
+
+    import ferlib.models  # noqa: F401  (registers custom layers for loading checkpoints)
+
+    settings = model_settings(params, model_name)
+    train_settings = settings["train"]
+    out = Path(run_dir) / "models" / model_name / (subdir or "")
+    say = (lambda text: print(f"[{model_name}{'/' + subdir if subdir else ''}] {text}",
+                              flush=True)) if progress else (lambda text: None)
+
+    x_train, y_train = data.subset("train")
+    x_val, y_val = data.subset("val")
+    x_test, y_test = data.subset("test")
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise ValueError(f"training {model_name}: need train and val images, got "
+                         f"{len(x_train)} train and {len(x_val)} val")
+    key = fingerprint({"settings": settings, "data": data.source_hash,
+                       "counts": [len(x_train), len(x_val), len(x_test)],
+                       "ids": fingerprint(data.source_ids.tolist())})
+
+    state = read_json(out / STATE_FILE)
+    if state and state.get("fingerprint") != key:
+        stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        say(f"settings or data changed since the last run: moved it to {stale}")
+        shutil.move(str(out), stale)
+        state = None
+    if state and state["finished"] and (out / "metrics.json").exists():
+        say(f"already trained ({state['stopped_reason']}, {len(state['history'])} epochs): "
+            f"skipping")
+        return read_json(out / "metrics.json")
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "settings.json", settings)
+    _prepare_backend(settings)
+    batch_size = train_settings["batch_size"]
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    onehot = keras.utils.to_categorical(y_train, NUM_CLASSES).astype("float32")
+    weights = class_weights(y_train) if train_settings["class_weights"] else None
+
+    if state:
+        model = keras.models.load_model(out / state["checkpoint"])
+        say(f"resuming after epoch {len(state['history'])} ({state['checkpoint']})")
+    else:
+        model = build_for_settings(settings)
+        _compile(model, settings)
+        state = {"fingerprint": key, "finished": False, "history": [], "timing": [],
+                 "planned_epochs": train_settings["epochs"], "plateau_scale": 1.0,
+                 "best_val_accuracy": -1.0, "best_epoch": None, "best_weights": None,
+                 "checkpoint": None, "wait": 0, "best_val_loss": float("inf"),
+                 "plateau_wait": 0, "stopped_reason": None, "train_seconds": 0.0}
+    show_bar = progress and sys.stderr.isatty()
+    callbacks = _make_callbacks(state, steps_per_epoch, train_settings, show_bar)
+    inputs, targets = _batches(x_train, onehot, batch_size, settings["augment"],
+                               settings["seed"])
+    budget = (train_settings["budget_minutes"] or 0) * 60
+    if not state["history"]:
+        say(f"{model.count_params():,} parameters; {len(x_train):,} train / {len(x_val):,} val "
+            f"images; up to {train_settings['epochs']} epochs"
+            + (f", budget {train_settings['budget_minutes']:g} min" if budget else ""))
+
+    while state["stopped_reason"] is None:
+        epoch = len(state["history"])
+        started = time.time()
+        fitted = model.fit(inputs, targets, batch_size=batch_size if targets is not None
+                           else None, epochs=epoch + 1, initial_epoch=epoch, verbose=0,
+                           shuffle=True, class_weight=weights, callbacks=callbacks)
+        fit_seconds = time.time() - started
+        val_proba = predict_proba(model, x_val)
+        epoch_seconds = time.time() - started
+        val_accuracy = float((val_proba.argmax(1) == y_val).mean())
+        val_loss = _cross_entropy(y_val, val_proba)
+        state["history"].append({
+            "epoch": epoch + 1, "loss": float(fitted.history["loss"][-1]),
+            "accuracy": float(fitted.history["accuracy"][-1]), "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "learning_rate": float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))})
+        state["timing"].append({"epoch": epoch + 1, "seconds": epoch_seconds,
+                                "train_seconds": fit_seconds,
+                                "eval_seconds": epoch_seconds - fit_seconds,
+                                "images_per_second": len(x_train) / fit_seconds})
+        state["train_seconds"] += epoch_seconds
+        _update_state(state, model, out, epoch + 1, val_accuracy, val_loss, train_settings,
+                      budget)
+        _save_checkpoint(state, model, out, epoch + 1)
+        _log_epoch(say, state, train_settings, budget)
+
+    return _finish(model_name, state, settings, out, (x_val, y_val), (x_test, y_test),
+                   data, say)
+
+
+def _update_state(state, model, out, epoch, val_accuracy, val_loss, train, budget) -> None:
+    """Best model, early stopping, plateau, budget-derived plan and the stop decision."""
+    if val_accuracy > state["best_val_accuracy"]:
+        name = f"best-{epoch:03d}.weights.h5"
+        atomic_save(model.save_weights, out / name)
+        state.update(best_val_accuracy=val_accuracy, best_epoch=epoch, best_weights=name,
+                     wait=0)
+    else:
+        state["wait"] += 1
+    if val_loss < state["best_val_loss"]:
+        state.update(best_val_loss=val_loss, plateau_wait=0)
+    else:
+        state["plateau_wait"] += 1
+        if train["schedule"] == "plateau" and state["plateau_wait"] >= train["plateau_patience"]:
+            state.update(plateau_scale=state["plateau_scale"] * train["plateau_factor"],
+                         plateau_wait=0)
+    mean_epoch = state["train_seconds"] / epoch
+    if budget:
+        # The cosine schedule is planned to end where the budget will stop training.
+        affordable = int(budget // mean_epoch)
+        state["planned_epochs"] = int(np.clip(affordable, epoch, train["epochs"]))
+    patience = train["early_stopping_patience"]
+    if epoch >= train["epochs"]:
+        state["stopped_reason"] = "completed"
+    elif patience is not None and state["wait"] >= patience:
+        state["stopped_reason"] = "early_stopping"
+    elif budget and state["train_seconds"] + mean_epoch > budget:
+        state["stopped_reason"] = "budget"
+
+
+def _save_checkpoint(state, model, out, epoch) -> None:
+    name = f"checkpoint-{epoch:03d}.keras"
+    atomic_save(model.save, out / name)
+    state["checkpoint"] = name
+    write_json(out / STATE_FILE, state)  # the commit point
+    pd.DataFrame(state["history"]).to_csv(out / "history.csv", index=False)
+    pd.DataFrame(state["timing"]).to_csv(out / "timing.csv", index=False)
+    for stale in list(out.glob("checkpoint-*.keras")) + list(out.glob("best-*.weights.h5")):
+        if stale.name not in (state["checkpoint"], state["best_weights"]):
+            stale.unlink(missing_ok=True)
+
+
+def _log_epoch(say, state, train, budget) -> None:
+    row, timing = state["history"][-1], state["timing"][-1]
+    epoch = row["epoch"]
+    remaining = (state["planned_epochs"] - epoch) * state["train_seconds"] / epoch
+    if budget:
+        remaining = min(remaining, max(budget - state["train_seconds"], 0))
+    stop = f"  stop: {state['stopped_reason']}" if state["stopped_reason"] else ""
+    say(f"epoch {epoch}/{state['planned_epochs']}  loss {row['loss']:.3f}  "
+        f"acc {row['accuracy']:.3f}  val_loss {row['val_loss']:.3f}  "
+        f"val_acc {row['val_accuracy']:.3f}  (best {state['best_val_accuracy']:.3f} "
+        f"@{state['best_epoch']})  lr {row['learning_rate']:.2e}  "
+        f"{timing['seconds']:.0f}s  {timing['images_per_second']:.0f} img/s  "
+        f"ETA {remaining / 60:.1f} min{stop}")
+
+
+def _finish(model_name, state, settings, out, val, test, data, say) -> dict:
+    """Reload the best weights into a clean model, predict val/test, write metrics."""
+    model = build_for_settings(settings)
+    model.load_weights(out / state["best_weights"])
+    atomic_save(model.save, out / "best.keras")
+    (x_val, y_val), (x_test, y_test) = val, test
+    val_proba = predict_proba(model, x_val)
+    arrays = {"val_proba": val_proba, "val_labels": y_val,
+              "val_ids": data.source_ids[data.split == "val"]}
+    result = {"model": model_name, "best_epoch": state["best_epoch"],
+              "epochs_run": len(state["history"]), "stopped_reason": state["stopped_reason"],
+              "budget_minutes": settings["train"]["budget_minutes"],
+              "train_seconds": state["train_seconds"],
+              "seconds_per_epoch": float(np.mean([t["seconds"] for t in state["timing"]])),
+              "train_images_per_second": float(np.median(
+                  [t["images_per_second"] for t in state["timing"]])),
+              "parameters": int(model.count_params()),
+              "val": metrics.classification_metrics(y_val, val_proba)}
+    if len(x_test):
+        test_proba = predict_proba(model, x_test)
+        arrays.update(test_proba=test_proba, test_labels=y_test,
+                      test_ids=data.source_ids[data.split == "test"])
+        result["test"] = metrics.classification_metrics(y_test, test_proba)
+        if settings["train"]["tta"]:
+            tta = metrics.tta_probabilities(lambda x: predict_proba(model, x), x_test)
+            arrays["test_proba_tta"] = tta
+            result["test_tta"] = metrics.classification_metrics(y_test, tta)
+    np.savez_compressed(out / "predictions.tmp.npz", **arrays)
+    os.replace(out / "predictions.tmp.npz", out / "predictions.npz")
+    write_json(out / "metrics.json", result)
+    state["finished"] = True
+    write_json(out / STATE_FILE, state)
+    for leftover in [*out.glob("checkpoint-*.keras"), *out.glob("best-*.weights.h5")]:
+        leftover.unlink()  # large (weights + optimizer); best.keras is what we keep
+    test_text = f", test acc {result['test']['accuracy']:.3f}" if "test" in result else ""
+    say(f"done ({state['stopped_reason']}): best val acc {state['best_val_accuracy']:.3f} at "
+        f"epoch {state['best_epoch']}{test_text}")
+    return result
+
+
+def train_cv(model_name: str, data: FERData, params: dict, run_dir, *,
+             progress: bool = True) -> dict:
+    """Stratified k-fold cross-validation over train+val; each fold is tested on PrivateTest.
+
+    Writes ``models/<name>/fold<k>/`` per fold and ``models/<name>/cv_metrics.json`` with the
+    mean and standard deviation of each fold's validation and test metrics.
+    """
+    k = params["cv_folds"]
+    pool = np.flatnonzero(data.split != "test")
+    folds = stratified_folds(data.labels[pool], k=k, seed=params["seed"])
+    results = []
+    for index, (train_index, val_index) in enumerate(folds, start=1):
+        split = data.split.copy()
+        split[pool[train_index]], split[pool[val_index]] = "train", "val"
+        fold_data = FERData(**{**data.__dict__, "split": split})
+        results.append(train(model_name, fold_data, params, run_dir, progress=progress,
+                             subdir=f"fold{index}"))
+    summary = {"model": model_name, "folds": k}
+    for part in ("val", "test"):
+        frame = pd.DataFrame([{key: value for key, value in r[part].items()
+                               if isinstance(value, float)} for r in results if part in r])
+        summary[part] = {"mean": frame.mean().to_dict(), "std": frame.std().to_dict()}
+    write_json(Path(run_dir) / "models" / model_name / "cv_metrics.json", summary)
+    return summary
