@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _data_summary(args) -> int:
     from ferlib import data as fer_data
     from ferlib.config import resolve_data_path
 
-    path = resolve_data_path(args.data)
+    # An explicit --data wins over FER2013_PATH; without it, the usual lookup applies.
+    path = Path(args.data) if args.data else resolve_data_path()
     dataset = fer_data.load_fer2013(path, on_error=args.on_error)
     print(f"{path}  ({len(dataset):,} images, {dataset.converted} converted, "
           f"{len(dataset.skipped)} skipped)\n")
@@ -67,12 +69,9 @@ def main(argv=None) -> int:
     commands.choices["report"].add_argument("--force", action="store_true",
                                             help="re-execute every notebook")
 
-    try:
-        from ferlib import apply
-    except ImportError:
-        apply = None
-    if apply is not None:
-        apply.add_commands(commands)
+    from ferlib import apply
+
+    apply.add_commands(commands)
 
     args = parser.parse_args(argv)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -35,7 +36,7 @@ TRAIN_SCHEMA = {
     "label_smoothing": (NUMBER, 0.0),
     "early_stopping_patience": ((int, type(None)), 8),
     "class_weights": (bool, False),
-    "budget_minutes": ((NUMBER, type(None)), None),
+    "budget_minutes": ((*NUMBER, type(None)), None),
     "precision": (("float32", "mixed_bfloat16", "mixed_float16"), "float32"),
     "jit_compile": (bool, False),
     "deterministic": (bool, False),
@@ -157,6 +158,19 @@ def validate(params: dict) -> dict:
     return resolved
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; read it as the float people mean."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text_or_stream):
+    return yaml.load(text_or_stream, Loader=_Loader)
+
+
 def deep_merge(base: dict, update: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in (update or {}).items():
@@ -185,7 +199,7 @@ def load_params(profile: str = "smoke", overrides: dict | None = None) -> dict:
     from the project root.
     """
     with open(profile_path(profile)) as handle:
-        raw = yaml.safe_load(handle) or {}
+        raw = load_yaml(handle) or {}
     raw.setdefault("profile", Path(profile).stem)
     params = validate(deep_merge(raw, overrides or {}))
     params["data"]["path"] = str(resolve_data_path(params["data"]["path"], must_exist=False))
@@ -203,7 +217,7 @@ def parse_overrides(items: list[str]) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = load_yaml(value)
     return result
 
 

@@ -186,7 +186,7 @@ def read_csv(path: Path, on_error: str = "raise") -> FERData:
     opener = gzip.open if path.suffix == ".gz" else open
     collector = _Collector(on_error)
     try:
-        with opener(path, "rt", newline="") as handle:
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             header = tuple(h.strip() for h in next(reader, ()))
             if header != CSV_HEADER:
@@ -419,13 +419,15 @@ def subsample(data: FERData, per_split: dict[str, int], seed: int = 0) -> FERDat
         if limit is None or limit >= len(index):
             keep.append(index)
             continue
-        # Proportional per class, at least one image of each class present.
+        # Proportional per class (largest remainder), so the total is exactly ``limit``.
         labels = data.labels[index]
-        chosen = []
-        for label in np.unique(labels):
-            members = index[labels == label]
-            count = max(1, int(round(limit * len(members) / len(index))))
-            chosen.append(rng.permutation(members)[:count])
+        classes, sizes = np.unique(labels, return_counts=True)
+        quotas = limit * sizes / len(index)
+        counts = np.floor(quotas).astype(int)
+        remainder = limit - counts.sum()
+        counts[np.argsort(quotas - counts)[::-1][:remainder]] += 1
+        chosen = [rng.permutation(index[labels == label])[:count]
+                  for label, count in zip(classes, counts)]
         keep.append(np.sort(np.concatenate(chosen)))
     return data.select(np.concatenate(keep))
 
@@ -474,7 +476,9 @@ def duplicates(data: FERData) -> pd.DataFrame:
                           "label": np.asarray(EMOTIONS)[data.labels]})
     frame = frame[frame.duplicated("hash", keep=False)].copy()
     if frame.empty:
-        return frame.assign(group=[], group_size=[], splits_in_group=[], conflicting_labels=[])
+        return frame.drop(columns="hash").assign(
+            group=pd.Series(dtype=int), group_size=pd.Series(dtype=int),
+            splits_in_group=pd.Series(dtype=str), conflicting_labels=pd.Series(dtype=bool))
     grouped = frame.groupby("hash")
     frame["group"] = grouped.ngroup()
     frame["group_size"] = grouped["index"].transform("size")
@@ -490,7 +494,7 @@ def duplicate_summary(data: FERData, dups: pd.DataFrame | None = None) -> pd.Dat
     rows = []
     for name, selected in [("within " + s, groups[groups.splits_in_group == s]) for s in SPLITS]:
         rows.append((name, len(selected), int(selected.group_size.sum())))
-    across = groups[groups.splits_in_group.str.contains(r"\+")]
+    across = groups[groups.splits_in_group.astype(str).str.contains("+", regex=False)]
     rows.append(("across splits", len(across), int(across.group_size.sum())))
     conflicting = groups[groups.conflicting_labels]
     rows.append(("with conflicting labels", len(conflicting), int(conflicting.group_size.sum())))

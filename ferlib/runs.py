@@ -44,8 +44,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def _finite(value):
+    """NaN and infinities become null: JSON has no NaN, and strict readers reject it."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def write_json(path: Path, value) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    text = json.dumps(_finite(value), indent=2, sort_keys=True, default=_jsonable,
+                      allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def read_json(path: Path, default=None):
@@ -109,13 +122,13 @@ def package_versions() -> dict[str, str]:
 def environment() -> dict:
     """Machine and software facts for a manifest."""
     return {"python": platform.python_version(), "platform": platform.platform(),
-            "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+            "processor": cpu_name(), "cpu_count": os.cpu_count(),
             "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
             "packages": package_versions(), "git_commit": git_commit(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

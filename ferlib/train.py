@@ -165,6 +165,21 @@ def predict_proba(model, images: np.ndarray, batch_size: int = 256) -> np.ndarra
     return metrics.softmax(np.asarray(logits, dtype=np.float64))
 
 
+def machine_description() -> str:
+    """Where training ran: CPU model and cores, or the accelerator, and the Keras backend."""
+    import keras
+
+    from ferlib.runs import cpu_name
+
+    devices = ""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    return (f"{devices or cpu_name()} ({os.cpu_count()} CPU cores), "
+            f"Keras {keras.__version__} on {keras.backend.backend()}")
+
+
 def _cross_entropy(labels: np.ndarray, proba: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-12, 1))))
 
@@ -357,6 +372,7 @@ def _finish(model_name, state, settings, out, val, test, data, say) -> dict:
               "train_images_per_second": float(np.median(
                   [t["images_per_second"] for t in state["timing"]])),
               "parameters": int(model.count_params()),
+              "machine": machine_description(),
               "val": metrics.classification_metrics(y_val, val_proba)}
     if len(x_test):
         test_proba = predict_proba(model, x_test)

@@ -1,0 +1,44 @@
+# FER2013 study: ViT vs ResNet50V2 vs AlexNet-style CNN. `make help` lists the targets.
+PROFILE ?= quick
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export MPLBACKEND ?= Agg
+
+.DEFAULT_GOAL := help
+.PHONY: help setup report test test-fast lab benchmark clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: PROFILE=$(PROFILE) (smoke | quick | paper), FER2013_PATH=path to the data"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install ferlib with its dev extras
+
+report: setup ## run the whole study for PROFILE and render reports/<PROFILE>/ (resumable)
+	$(BIN)/python -m ferlib report --profile $(PROFILE)
+
+test: setup ## run the test suite (includes the slow smoke-pipeline test)
+	$(BIN)/python -m pytest
+
+test-fast: setup ## run the tests except the slow pipeline test
+	$(BIN)/python -m pytest -m "not slow"
+
+lab: setup ## open JupyterLab on notebooks/
+	$(BIN)/jupyter lab notebooks/
+
+benchmark: setup ## measure data loading, training and inference speed -> benchmarks/results.json
+	$(BIN)/python benchmarks/run_all.py
+
+clean: ## remove caches and the smoke run (keeps .venv, runs/quick and committed reports)
+	rm -rf .cache .pytest_cache runs/smoke reports/smoke
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

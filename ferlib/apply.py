@@ -1,0 +1,554 @@
+"""Use a trained model outside the notebooks: score it on any labelled dataset, or classify photos.
+
+Two commands wrap the two functions of this module:
+
+``python -m ferlib evaluate --model best.keras --data my_faces.zip``
+    :func:`evaluate`: metrics with bootstrap confidence intervals, a per-class report,
+    ``metrics.json`` and ``confusion_matrix.png`` for a dataset in any layout that
+    :func:`ferlib.data.load_fer2013` reads. Every image of the source is used, whatever its
+    split: to a model trained elsewhere, a user's dataset is all test data.
+``python -m ferlib predict photo.jpg photos/ --model best.keras``
+    :func:`predict`: finds faces with OpenCV's Haar cascade, crops them to 48x48 gray and
+    prints the most likely emotions per face, optionally drawing them onto copies of the images.
+
+TensorFlow, OpenCV and matplotlib are imported only when a command runs, so ``python -m ferlib
+--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ferlib import EMOTIONS, NUM_CLASSES
+
+CONFIDENCE = 0.95
+FACE_MARGIN = 0.1
+"""Fraction of the detected box added on each side: FER2013 crops show a little forehead and
+chin beyond what the Haar cascade's box covers."""
+DETECTION_MAX_SIDE = 1024
+"""Large photos are shrunk to this many pixels (longest side) for detection only; the crops
+are taken from the full-resolution image."""
+SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro")
+
+
+# ----------------------------------------------------------------------------- shared
+
+def load_model(model_path):
+    """Load a ``.keras`` model that maps uint8 48x48 images to 7 logits (``ferlib.train``'s).
+
+    Parameters
+    ----------
+    model_path : str or Path
+
+    Returns
+    -------
+    keras.Model
+    """
+    model_path = _model_file(model_path)
+    import keras
+
+    import ferlib.models  # noqa: F401  (registers the custom layers before loading)
+
+    try:
+        model = keras.models.load_model(model_path, compile=False)
+    except Exception as error:  # Keras raises many types for a foreign or damaged file
+        raise ValueError(f"{model_path}: cannot load as a Keras model "
+                         f"({type(error).__name__}: {error})") from error
+    num_outputs = model.output_shape[-1]
+    if num_outputs != NUM_CLASSES:
+        raise ValueError(f"{model_path}: the model has {num_outputs} outputs; expected "
+                         f"{NUM_CLASSES}, one per emotion ({', '.join(EMOTIONS)})")
+    return model
+
+
+def _model_file(model_path) -> Path:
+    """The model's path; checked before any slow work so a typo fails at once."""
+    model_path = Path(model_path).expanduser()
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: no such model file (expected a .keras file, "
+                                f"e.g. runs/<profile>/models/<name>/best.keras)")
+    return model_path
+
+
+def _probabilities(model, images, tta=False):
+    from ferlib.metrics import tta_probabilities
+    from ferlib.train import predict_proba
+
+    if tta:
+        return tta_probabilities(lambda batch: predict_proba(model, batch), images)
+    return predict_proba(model, images)
+
+
+def _number(value):
+    """A JSON-safe float: NaN (an undefined AUC, say) becomes None."""
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def parse_class_map(text):
+    """Parse ``"contempt=disgust,joy=happy"`` into ``{"contempt": "disgust", "joy": "happy"}``.
+
+    Parameters
+    ----------
+    text : str or None
+
+    Returns
+    -------
+    dict or None
+    """
+    if not text:
+        return None
+    class_map = {}
+    for pair in text.split(","):
+        folder, separator, emotion = (part.strip() for part in pair.partition("="))
+        if not separator or not folder or not emotion:
+            raise ValueError(f"--class-map: {pair.strip()!r} is not FOLDER=EMOTION; expected "
+                             f"e.g. --class-map contempt=disgust,joy=happy")
+        class_map[folder] = emotion
+    return class_map
+
+
+def _check_class_map(class_map):
+    from ferlib.data import class_index
+
+    for folder, emotion in (class_map or {}).items():
+        if class_index(emotion) is None:
+            raise ValueError(f"class map: {folder}={emotion}: {emotion!r} is not an emotion; "
+                             f"allowed values: {', '.join(EMOTIONS)}")
+
+
+def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_boot=1000,
+             seed=0) -> dict:
+    """Score a saved model on every image of a labelled dataset.
+
+    Classes absent from the dataset are left out of the macro averages, AUC, per-class report
+    and confusion matrix, which use the model's probabilities renormalised over the classes
+    present ("masked"). The plain accuracy of the unmasked 7-way prediction is reported too,
+    so a model that predicts an absent class pays for it there.
+
+    Parameters
+    ----------
+    model_path : str or Path
+        A ``.keras`` model outputting logits for uint8 ``(N, 48, 48)`` images.
+    data_path : str or Path
+        The challenge CSV, an image-folder root or a zip of one (any image size or colour).
+    out : str or Path, optional
+        Folder for ``metrics.json`` and ``confusion_matrix.png``; nothing is written if None.
+    class_map : dict, optional
+        Extra class-folder names, ``{"contempt": "disgust"}``.
+    tta : bool
+        Average the predictions on each image and its mirror image.
+    n_boot : int
+        Bootstrap resamples for the 95% confidence intervals; 0 skips them.
+    seed : int
+        Seed of the bootstrap.
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``images``, ``per_split``, ``classes`` (present), ``absent_classes``,
+        ``accuracy``, ``accuracy_masked``, ``confidence_intervals`` (metric -> value, low,
+        high), ``auc_per_class``, ``per_class`` (class -> precision, recall, f1, support),
+        ``confusion_matrix`` and, when ``out`` is given, ``files``.
+    """
+    from ferlib import metrics
+    from ferlib.data import SPLITS, load_fer2013
+
+    _check_class_map(class_map)
+    _model_file(model_path)
+    data = load_fer2013(data_path, class_map=class_map, on_error="skip", cache=False)
+    model = load_model(model_path)
+    proba = _probabilities(model, data.images, tta)
+
+    present = np.unique(data.labels)
+    class_names = [EMOTIONS[k] for k in present]
+    masked_labels = np.searchsorted(present, data.labels)
+    masked_proba = proba[:, present]
+    masked_proba /= np.maximum(masked_proba.sum(axis=1, keepdims=True), np.finfo(float).tiny)
+    masked_predictions = masked_proba.argmax(axis=1)
+
+    intervals = _intervals(data.labels, proba, ("accuracy",), n_boot, seed)
+    masked = _intervals(masked_labels, masked_proba, SUMMARY_METRICS, n_boot, seed)
+    intervals["accuracy_masked"] = masked.pop("accuracy")
+    intervals.update(masked)
+
+    masked_scores = metrics.classification_metrics(masked_labels, masked_proba)
+    report = metrics.per_class_report(masked_labels, masked_predictions, class_names)
+    counts = metrics.confusion(masked_labels, masked_predictions, num_classes=len(present))
+    result = {
+        "model": str(model_path), "data": data.source, "data_hash": data.source_hash,
+        "images": len(data),
+        "per_split": {split: int((data.split == split).sum()) for split in SPLITS},
+        "skipped": len(data.skipped), "skipped_examples": data.skipped[:20],
+        "converted": int(data.converted), "class_map": class_map or {}, "tta": bool(tta),
+        "bootstrap_resamples": int(n_boot), "seed": int(seed), "confidence": CONFIDENCE,
+        "classes": class_names,
+        "absent_classes": [name for name in EMOTIONS if name not in class_names],
+        "accuracy": intervals["accuracy"]["value"],
+        "accuracy_masked": intervals["accuracy_masked"]["value"],
+        "confidence_intervals": intervals,
+        "auc_per_class": {name: auc for name, auc in
+                          zip(class_names, masked_scores["auc_per_class"].values())},
+        "per_class": {name: {"precision": float(row.precision), "recall": float(row.recall),
+                             "f1": float(row.f1), "support": int(row.support)}
+                      for name, row in report.iterrows()},
+        "confusion_matrix": {"classes": class_names, "counts": counts.tolist()},
+    }
+    if out is not None:
+        result["files"] = _write_evaluation(result, counts, Path(out))
+    return result
+
+
+def _intervals(labels, probabilities, metric_names, n_boot, seed) -> dict:
+    """Metric -> value, low, high (JSON-safe); the bounds are None when ``n_boot`` is 0."""
+    from ferlib import metrics
+
+    if n_boot <= 0:
+        scores = metrics.classification_metrics(labels, probabilities)
+        return {name: {"value": _number(np.nan if scores[name] is None else scores[name]),
+                       "low": None, "high": None} for name in metric_names}
+    table = metrics.bootstrap_ci(labels, probabilities, n_boot=n_boot, seed=seed,
+                                 confidence=CONFIDENCE, metric_names=metric_names)
+    return {row.metric: {"value": _number(row.value), "low": _number(row.low),
+                         "high": _number(row.high)} for row in table.itertuples()}
+
+
+def _write_evaluation(result, counts, out):
+    from ferlib.plots import confusion_matrix_plot, save_figure
+    from ferlib.runs import write_json
+
+    masked = " (absent classes masked)" if result["absent_classes"] else ""
+    title = f"{Path(result['model']).name} on {Path(result['data']).name}{masked}"
+    figure_path = save_figure(confusion_matrix_plot(counts, result["classes"], title),
+                              out / "confusion_matrix.png")
+    files = {"metrics": str(out / "metrics.json"), "confusion_matrix": str(figure_path)}
+    write_json(out / "metrics.json", {**result, "files": files})
+    return files
+
+
+def format_evaluation(result) -> str:
+    """The human-readable summary of an :func:`evaluate` result (what the CLI prints)."""
+    import pandas as pd
+
+    splits = ", ".join(f"{split} {count}" for split, count in result["per_split"].items())
+    lines = [f"{result['data']}: {result['images']:,} images used ({splits}); "
+             f"{result['converted']} converted to 48x48 gray, {result['skipped']} unreadable "
+             f"skipped"]
+    lines += [f"  skipped {entry}: {reason}" for entry, reason in result["skipped_examples"]]
+    if result["absent_classes"]:
+        lines.append(f"absent classes: {', '.join(result['absent_classes'])}; the metrics "
+                     f"below are over the {len(result['classes'])} classes present, with the "
+                     f"absent classes' outputs masked, except 'accuracy (all 7 outputs)'")
+    names = {"accuracy": "accuracy (all 7 outputs)" if result["absent_classes"] else "accuracy",
+             "accuracy_masked": "accuracy (absent masked)", "precision_macro": "precision (macro)",
+             "recall_macro": "recall (macro)", "f1_macro": "F1 (macro)",
+             "auc_macro": "AUC (one-vs-rest, macro)"}
+    shown = [key for key in names if result["absent_classes"] or key != "accuracy_masked"]
+    rows = []
+    for key in shown:
+        interval = result["confidence_intervals"][key]
+        value, low, high = (f"{v:.3f}" if v is not None else "n/a"
+                            for v in (interval["value"], interval["low"], interval["high"]))
+        rows.append({"metric": names[key], "value": value, "95% CI": f"[{low}, {high}]"})
+    tta = ", test-time mirror averaging" if result["tta"] else ""
+    lines += ["", f"metrics ({result['bootstrap_resamples']} bootstrap resamples{tta}):",
+              pd.DataFrame(rows).set_index("metric").to_string(), ""]
+    report = pd.DataFrame(result["per_class"]).T
+    report["support"] = report["support"].astype(int)
+    report["auc"] = pd.Series(result["auc_per_class"])
+    lines += ["per class:", report.to_string(float_format="{:.3f}".format)]
+    if "files" in result:
+        lines += ["", f"wrote {result['files']['metrics']} and "
+                      f"{result['files']['confusion_matrix']}"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- predict
+
+def face_detector():
+    """OpenCV's frontal-face Haar cascade, as shipped in opencv-python-headless 4.x."""
+    hint = 'install it with: pip install "opencv-python-headless<5"'
+    try:
+        import cv2
+    except ImportError as error:
+        raise FileNotFoundError(f"face detection needs OpenCV; {hint} (or pass --no-detect "
+                                f"for images that are already face crops)") from error
+    folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+    cascade_path = Path(folder or "") / "haarcascade_frontalface_default.xml"
+    if folder is None or not cascade_path.is_file():
+        raise FileNotFoundError(f"OpenCV's face cascade {cascade_path.name} was not found "
+                                f"(this OpenCV build does not ship cv2.data); {hint}")
+    detector = cv2.CascadeClassifier(str(cascade_path))
+    if detector.empty():
+        raise ValueError(f"{cascade_path}: OpenCV could not load the face cascade; {hint}")
+    return detector
+
+
+def detect_faces(detector, gray) -> list[tuple[int, int, int, int]]:
+    """Face boxes ``(x, y, width, height)`` in a uint8 gray image, left to right.
+
+    Parameters
+    ----------
+    detector : cv2.CascadeClassifier
+    gray : ndarray, uint8, shape (H, W)
+
+    Returns
+    -------
+    list of tuple of int
+    """
+    import cv2
+
+    scale = min(1.0, DETECTION_MAX_SIDE / max(gray.shape))
+    small = gray if scale == 1.0 else cv2.resize(gray, None, fx=scale, fy=scale,
+                                                 interpolation=cv2.INTER_AREA)
+    boxes = detector.detectMultiScale(cv2.equalizeHist(small), scaleFactor=1.1,
+                                      minNeighbors=5, minSize=(24, 24))
+    return sorted(tuple(int(round(v / scale)) for v in box) for box in boxes)
+
+
+def crop_face(gray, box, margin=FACE_MARGIN) -> np.ndarray:
+    """The box plus ``margin`` on each side (clipped to the image), as uint8 48x48 gray."""
+    from PIL import Image
+
+    from ferlib.data import IMAGE_SIZE
+
+    x, y, width, height = box
+    pad_x, pad_y = int(width * margin), int(height * margin)
+    top, bottom = max(0, y - pad_y), min(gray.shape[0], y + height + pad_y)
+    left, right = max(0, x - pad_x), min(gray.shape[1], x + width + pad_x)
+    face = Image.fromarray(gray[top:bottom, left:right])
+    # The same resampling as ferlib.data uses for datasets, so crops look like training images.
+    return np.asarray(face.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.uint8)
+
+
+def image_files(paths) -> list[Path]:
+    """Each path that is a file, and every image file below each folder (sorted, recursive)."""
+    from ferlib.data import IMAGE_SUFFIXES
+
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path}: no image files in this folder (looked for "
+                                        f"{', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        else:
+            files.append(path)  # a missing file is reported per file, like an unreadable one
+    return files
+
+
+def _read_image(path):
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+        image.load()
+        return image
+
+
+def predict(paths, model_path, *, detect=True, top=3, annotate=None) -> list[dict]:
+    """Classify the faces in images.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        Image files and folders (every image file inside, recursively, sorted).
+    model_path : str or Path
+        A ``.keras`` model outputting logits for uint8 ``(N, 48, 48)`` images.
+    detect : bool
+        Find faces with OpenCV's Haar cascade; if False, each whole image is one face crop.
+    top : int
+        How many of the most likely emotions to return per face.
+    annotate : str or Path, optional
+        Folder for a copy of each image with the boxes and top emotion drawn (PNG).
+
+    Returns
+    -------
+    list of dict
+        One per image file: ``path``, and either ``error`` (unreadable file) or ``size``
+        (width, height), ``faces`` (each ``box`` as x, y, width, height and ``emotions``, the
+        ``top`` most likely as ``{"emotion", "probability"}``, most likely first) and, with
+        ``annotate``, ``annotated`` (the written file).
+    """
+    if not 1 <= top <= NUM_CLASSES:
+        raise ValueError(f"top must be between 1 and {NUM_CLASSES}; got {top}")
+    _model_file(model_path)
+    files = image_files(paths)
+    if not files:
+        raise ValueError("no images given")
+    model = load_model(model_path)
+    detector = face_detector() if detect else None
+    if annotate is not None:
+        Path(annotate).mkdir(parents=True, exist_ok=True)
+    results, used_names = [], set()
+    for path in files:
+        try:
+            image = _read_image(path)
+        except Exception as error:  # PIL raises many types for unreadable or corrupt files
+            results.append({"path": str(path), "error": f"cannot read image "
+                                                        f"({type(error).__name__}: {error})"})
+            continue
+        gray = np.asarray(image.convert("L"), dtype=np.uint8)
+        height, width = gray.shape
+        boxes = detect_faces(detector, gray) if detect else [(0, 0, width, height)]
+        faces = []
+        if boxes:
+            crops = np.stack([crop_face(gray, box, margin=FACE_MARGIN if detect else 0.0)
+                              for box in boxes])
+            for box, probabilities in zip(boxes, _probabilities(model, crops)):
+                best = np.argsort(-probabilities, kind="stable")[:top]
+                faces.append({"box": list(box), "emotions": [
+                    {"emotion": EMOTIONS[k], "probability": float(probabilities[k])}
+                    for k in best]})
+        result = {"path": str(path), "size": [width, height], "faces": faces}
+        if annotate is not None:
+            name = _unique_name(Path(path).stem, used_names)
+            result["annotated"] = str(draw_faces(image, faces, Path(annotate) / name))
+        results.append(result)
+    return results
+
+
+def _unique_name(stem, used_names):
+    name, number = f"{stem}.png", 1
+    while name in used_names:
+        name, number = f"{stem}-{number}.png", number + 1
+    used_names.add(name)
+    return name
+
+
+def draw_faces(image, faces, path) -> Path:
+    """Save a copy of ``image`` with each face's box and most likely emotion drawn on it.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+    faces : list of dict
+        As in :func:`predict`'s results.
+    path : str or Path
+        Destination (PNG).
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    from PIL import ImageDraw, ImageFont
+
+    canvas = image.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    line_width = max(1, round(min(canvas.size) / 250))
+    font_size = max(10, round(min(canvas.size) / 30))
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        font = ImageFont.load_default()
+    for face in faces:
+        x, y, width, height = face["box"]
+        best = face["emotions"][0]
+        draw.rectangle((x, y, x + width - 1, y + height - 1), outline=(255, 64, 64),
+                       width=line_width)
+        label = f"{best['emotion']} {best['probability']:.0%}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        text_y = y - (bottom - top) - 2 * line_width if y > bottom - top + 2 * line_width \
+            else y + line_width
+        draw.rectangle((x, text_y, x + right - left + 4, text_y + bottom + 2), fill=(255, 64, 64))
+        draw.text((x + 2, text_y), label, fill=(255, 255, 255), font=font)
+    path = Path(path)
+    canvas.save(path, format="PNG")
+    return path
+
+
+def format_prediction(result) -> str:
+    """The human-readable lines for one image of a :func:`predict` result."""
+    if "error" in result:
+        return f"{result['path']}: {result['error']}"
+    faces = result["faces"]
+    if not faces:
+        return f"{result['path']}: no face found"
+    lines = [f"{result['path']}: {len(faces)} face{'s' if len(faces) > 1 else ''}"]
+    for number, face in enumerate(faces, start=1):
+        x, y, width, height = face["box"]
+        emotions = ", ".join(f"{e['emotion']} {e['probability']:.2f}" for e in face["emotions"])
+        lines.append(f"  face {number} at x={x} y={y} w={width} h={height}: {emotions}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _evaluate_command(args) -> int:
+    result = evaluate(args.model, args.data, out=args.out,
+                      class_map=parse_class_map(args.class_map), tta=args.tta,
+                      n_boot=args.bootstrap, seed=args.seed)
+    print(format_evaluation(result))
+    return 0
+
+
+def _predict_command(args) -> int:
+    results = predict(args.images, args.model, detect=args.detect, top=args.top,
+                      annotate=args.annotate)
+    failed = [result for result in results if "error" in result]
+    for result in failed:
+        print(f"error: {format_prediction(result)}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            if "error" not in result:
+                print(format_prediction(result))
+    if failed:
+        print(f"{len(results) - len(failed)} of {len(results)} images processed, "
+              f"{len(failed)} unreadable", file=sys.stderr)
+    return 1 if len(failed) == len(results) else 0
+
+
+def add_commands(commands) -> None:
+    """Add the ``evaluate`` and ``predict`` commands to ``python -m ferlib``.
+
+    Parameters
+    ----------
+    commands : argparse subparsers object
+        From ``parser.add_subparsers()``; each command sets ``handler``.
+    """
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="score a saved model on a labelled dataset (CSV, folder or zip)",
+        description="Score a saved model on every image of a labelled dataset; print metrics "
+                    "with bootstrap 95%% CIs and write metrics.json and confusion_matrix.png.")
+    evaluate_parser.add_argument("--model", required=True, help="a .keras model, e.g. "
+                                 "runs/quick/models/alexnet/best.keras")
+    evaluate_parser.add_argument("--data", required=True, help="FER2013 CSV, image folder "
+                                 "(train/<class>/, test/<class>/ or <class>/) or a zip of one")
+    evaluate_parser.add_argument("--out", default="evaluation",
+                                 help="folder for metrics.json and confusion_matrix.png "
+                                      "(default: ./evaluation)")
+    evaluate_parser.add_argument("--class-map", metavar="FOLDER=EMOTION,...",
+                                 help="extra class-folder names, e.g. contempt=disgust,joy=happy")
+    evaluate_parser.add_argument("--tta", action="store_true",
+                                 help="average predictions over each image and its mirror")
+    evaluate_parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                                 help="bootstrap resamples for the CIs (default 1000; 0: none)")
+    evaluate_parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    evaluate_parser.set_defaults(handler=_evaluate_command)
+
+    predict_parser = commands.add_parser(
+        "predict", help="classify the faces in images with a saved model",
+        description="Find faces (OpenCV Haar cascade), classify each and print the most likely "
+                    "emotions. Exit code 1 only if no image could be read.")
+    predict_parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                                help="image files or folders (searched recursively)")
+    predict_parser.add_argument("--model", required=True, help="a .keras model")
+    predict_parser.add_argument("--no-detect", dest="detect", action="store_false",
+                                help="treat each whole image as an already cropped face")
+    predict_parser.add_argument("--json", action="store_true", help="print a JSON list")
+    predict_parser.add_argument("--annotate", metavar="OUT",
+                                help="folder for copies of the images with boxes and labels")
+    predict_parser.add_argument("--top", type=int, default=3,
+                                help="emotions shown per face (default 3)")
+    predict_parser.set_defaults(handler=_predict_command)
