@@ -40,8 +40,8 @@ def _train(args) -> int:
 def _report(args) -> int:
     from ferlib.pipeline import report
 
-    return report(args.profile, overrides=args.set, run_root=args.run_dir,
-                  reports_root=args.reports_dir, force=args.force)
+    return report(args.profile, overrides=args.set, run_root=args.runs_root,
+                  reports_root=args.reports_root, force=args.force)
 
 
 def main(argv=None) -> int:
@@ -61,13 +61,16 @@ def main(argv=None) -> int:
         sub.add_argument("--profile", default="quick", help="params/<profile>.yaml")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a parameter, e.g. --set train.epochs=3")
-        sub.add_argument("--run-dir", help="default: runs/<profile>")
         sub.set_defaults(handler=handler)
-    commands.choices["train"].add_argument("--model", action="append",
-                                           help="model to train (repeatable; default: all)")
-    commands.choices["report"].add_argument("--reports-dir", help="default: reports/")
-    commands.choices["report"].add_argument("--force", action="store_true",
-                                            help="re-execute every notebook")
+    train_parser, report_parser = commands.choices["train"], commands.choices["report"]
+    train_parser.add_argument("--model", action="append",
+                              help="model to train (repeatable; default: all)")
+    train_parser.add_argument("--run-dir", help="default: runs/<profile>")
+    report_parser.add_argument("--runs-root", help="folder of run directories (default: runs/)")
+    report_parser.add_argument("--reports-root", help="folder of report folders "
+                               "(default: reports/)")
+    report_parser.add_argument("--force", action="store_true",
+                               help="re-execute every notebook")
 
     from ferlib import apply
 

@@ -82,6 +82,8 @@ SCHEMA = {
         "val_fraction": (NUMBER, 0.1),
         "limit_per_split": ((dict, type(None)), None),
         "on_error": (("raise", "skip"), "raise"),
+        # Blur inference inputs to the training images' sharpness (derived from train vs val).
+        "match_sharpness": (bool, True),
     },
     "train": TRAIN_SCHEMA,
     "augment": AUGMENT_SCHEMA,
@@ -263,5 +265,5 @@ def model_settings(params: dict, model_name: str) -> dict:
             "augment": copy.deepcopy(params["augment"]),
             "model_params": copy.deepcopy(params["model_params"][model_name]),
             "data": {k: params["data"][k] for k in ("val_fraction", "limit_per_split",
-                                                   "on_error")},
+                                                   "on_error", "match_sharpness")},
             "cv_folds": params["cv_folds"]}

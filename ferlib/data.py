@@ -535,3 +535,60 @@ def load_dataset(params: dict, progress: bool = False) -> FERData:
     if settings["limit_per_split"]:
         data = subsample(data, settings["limit_per_split"], seed=params["seed"])
     return data
+
+
+# ----------------------------------------------------------------------------- sharpness
+
+def sharpness(images: np.ndarray) -> np.ndarray:
+    """Mean absolute Laplacian per image: high for sharp faces, low for blurred ones."""
+    x = np.asarray(images, dtype=np.float32)
+    laplacian = (4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1]
+                 - x[:, 1:-1, :-2] - x[:, 1:-1, 2:])
+    return np.abs(laplacian).mean(axis=(1, 2))
+
+
+def sharpness_by_split(data: FERData) -> pd.DataFrame:
+    """Sharpness quantiles per split; a large gap means train and test differ in resolution."""
+    values = sharpness(data.images)
+    rows = {}
+    for split in SPLITS:
+        selected = values[data.split == split]
+        if len(selected):
+            rows[split] = {"images": len(selected), "p10": np.percentile(selected, 10),
+                           "median": np.median(selected), "p90": np.percentile(selected, 90),
+                           "share_below_3": float((selected < 3).mean())}
+    return pd.DataFrame(rows).T
+
+
+def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of uint8 (N, H, W) images with reflected borders, as the models do it."""
+    if sigma <= 0:
+        return images
+    from scipy.ndimage import gaussian_filter
+
+    blurred = gaussian_filter(np.asarray(images, np.float32), sigma=(0, sigma, sigma),
+                              mode="mirror", truncate=3.0)  # = numpy "reflect"
+    return np.clip(np.rint(blurred), 0, 255).astype(np.uint8)
+
+
+def matching_blur_sigma(blurry: np.ndarray, sharp: np.ndarray, sample: int = 600,
+                        seed: int = 0) -> float:
+    """Gaussian sigma (px) that gives ``sharp`` images the median sharpness of ``blurry`` ones.
+
+    Returns 0.0 when the two sets are about as sharp (ratio of medians below 1.5), so data
+    without a resolution gap is left alone.
+    """
+    rng = np.random.default_rng(seed)
+    blurry = blurry[rng.permutation(len(blurry))[:sample]]
+    sharp = sharp[rng.permutation(len(sharp))[:sample]]
+    target = float(np.median(sharpness(blurry)))
+    if len(sharp) == 0 or np.median(sharpness(sharp)) < 1.5 * target:
+        return 0.0
+    low, high = 0.0, 8.0
+    for _ in range(20):  # bisection: sharpness falls monotonically with sigma
+        middle = (low + high) / 2
+        if np.median(sharpness(gaussian_blur(sharp, middle))) > target:
+            low = middle
+        else:
+            high = middle
+    return round((low + high) / 2, 2)

@@ -8,6 +8,7 @@ saved ``.keras`` file is all that is needed to classify raw FER crops.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import keras
@@ -42,6 +43,37 @@ class GrayToRGB(layers.Layer):
         return (*input_shape[:-1], 3)
 
 
+@keras.saving.register_keras_serializable(package="ferlib")
+class InferenceBlur(layers.Layer):
+    """Gaussian low-pass applied at inference only (identity in training).
+
+    Our FER2013 copy's training images are much blurrier than PublicTest / PrivateTest (see the
+    EDA). Blurring inference inputs by ``sigma`` px, a value derived from the data, brings sharp
+    faces to the resolution the model was trained on; training images pass unchanged.
+    """
+
+    def __init__(self, sigma: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.sigma = float(sigma)
+        radius = max(1, int(math.ceil(3 * self.sigma)))
+        taps = [math.exp(-0.5 * (i / self.sigma) ** 2) if self.sigma > 0 else float(i == 0)
+                for i in range(-radius, radius + 1)]
+        self.radius, self.taps = radius, [t / sum(taps) for t in taps]
+
+    def call(self, inputs, training=None):
+        if training or self.sigma <= 0:
+            return inputs
+        ops = keras.ops
+        kernel = ops.convert_to_tensor(self.taps, dtype=inputs.dtype)
+        r = self.radius
+        x = ops.pad(inputs, [[0, 0], [r, r], [r, r], [0, 0]], mode="reflect")
+        x = ops.depthwise_conv(x, ops.reshape(kernel, (-1, 1, 1, 1)), padding="valid")
+        return ops.depthwise_conv(x, ops.reshape(kernel, (1, -1, 1, 1)), padding="valid")
+
+    def get_config(self):
+        return {**super().get_config(), "sigma": self.sigma}
+
+
 def augmentation_layers(augment: dict | None, seed: int | None = None) -> list[layers.Layer]:
     """Keras core augmentation layers (active only when ``training=True``) on [0, 1] images.
 
@@ -66,12 +98,15 @@ def augmentation_layers(augment: dict | None, seed: int | None = None) -> list[l
     return stack
 
 
-def stem(inputs, input_size: int, augment: dict | None, scale_to: str, seed=None):
-    """uint8 gray -> augmented, resized, 3-channel float in the backbone's range.
+def stem(inputs, input_size: int, augment: dict | None, scale_to: str, seed=None,
+         inference_blur_sigma: float = 0.0):
+    """uint8 gray -> (inference blur), augmented, resized, 3-channel float in the backbone's range.
 
     ``scale_to`` is ``"unit"`` for [0, 1] or ``"symmetric"`` for [-1, 1].
     """
     x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    if inference_blur_sigma:
+        x = InferenceBlur(inference_blur_sigma, name="inference_blur")(x)
     for layer in augmentation_layers(augment, seed):
         x = layer(x)
     if input_size != IMAGE_SIZE:
@@ -98,7 +133,8 @@ def _check_local_weights(weights: str | None) -> None:
 
 
 def build_alexnet(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, width=1.0,
-                  dense_units=1024, dropout_rate=0.5, weights=None, augment=None, seed=None):
+                  dense_units=1024, dropout_rate=0.5, weights=None, augment=None, seed=None,
+                  inference_blur_sigma=0.0):
     """AlexNet-style CNN for 48x48 faces: 5 conv layers, 3 fully connected with dropout.
 
     Like the original's stride-4 first layer, it downsamples early (stride-2 conv, then
@@ -107,7 +143,7 @@ def build_alexnet(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, width=1.0,
     _check_local_weights(weights)
     filters = [max(8, int(round(f * width))) for f in (64, 128, 192, 192, 128)]
     inputs = _inputs()
-    x = stem(inputs, input_size, augment, "unit", seed)
+    x = stem(inputs, input_size, augment, "unit", seed, inference_blur_sigma)
 
     def conv(x, n, kernel, strides=1, name=""):
         x = layers.Conv2D(n, kernel, strides=strides, padding="same", use_bias=False,
@@ -138,7 +174,8 @@ def build_alexnet(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, width=1.0,
 
 
 def build_resnet50v2(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, dropout_rate=0.3,
-                     bn_momentum=0.9, weights=None, augment=None, seed=None):
+                     bn_momentum=0.9, weights=None, augment=None, seed=None,
+                     inference_blur_sigma=0.0):
     """``keras.applications.ResNet50V2`` backbone with a new head (GAP, dropout, Dense logits).
 
     ``weights``: None (from scratch), ``"imagenet"`` (downloaded by Keras, or read from
@@ -148,7 +185,7 @@ def build_resnet50v2(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, dropout_
     """
     _check_local_weights(weights)
     inputs = _inputs()
-    x = stem(inputs, input_size, augment, "symmetric", seed)
+    x = stem(inputs, input_size, augment, "symmetric", seed, inference_blur_sigma)
     try:
         backbone = keras.applications.ResNet50V2(
             include_top=False, weights=weights, input_shape=(input_size, input_size, 3))
@@ -170,7 +207,8 @@ def build_resnet50v2(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, dropout_
 
 def build_vit(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, patch_size=6, num_layers=6,
               num_heads=4, hidden_dim=192, mlp_dim=384, dropout_rate=0.1,
-              attention_dropout=0.0, weights=None, augment=None, seed=None):
+              attention_dropout=0.0, weights=None, augment=None, seed=None,
+              inference_blur_sigma=0.0):
     """``keras_hub.models.ViTBackbone`` with a class-token head.
 
     ``weights="imagenet"`` loads the keras-hub preset ``vit_base_patch16_224_imagenet`` (which
@@ -184,7 +222,7 @@ def build_vit(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, patch_size=6, n
         raise ValueError(f"model_params.vit.patch_size: {patch_size} does not divide "
                          f"input_size {input_size}")
     inputs = _inputs()
-    x = stem(inputs, input_size, augment, "symmetric", seed)
+    x = stem(inputs, input_size, augment, "symmetric", seed, inference_blur_sigma)
     if weights == "imagenet":
         try:
             backbone = keras_hub.models.ViTBackbone.from_preset(VIT_IMAGENET_PRESET)
@@ -219,7 +257,7 @@ def build_model(name: str, *, num_classes: int = NUM_CLASSES, **hyperparameters)
     num_classes : int
     **hyperparameters
         The model's parameters from ``params.model_params.<name>`` plus ``augment`` (the
-        augmentation settings) and ``seed``.
+        augmentation settings), ``seed`` and ``inference_blur_sigma`` (see InferenceBlur).
 
     Returns
     -------

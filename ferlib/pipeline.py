@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import re
 import sys
 import time
 from pathlib import Path
@@ -48,14 +49,33 @@ def _step_inputs(params, notebook: Path, data_hash: str, upstream: list[str], ru
                         "data": data_hash, "upstream": upstream_digests})
 
 
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) says nothing about the study.
+BACKEND_NOISE = re.compile(r"^(?:[IWE]\d{4} [\d:.]+ +\d+ \S+\] |WARNING: All log messages "
+                           r"before absl|To enable the following instructions|"
+                           r".*TqdmWarning: IProgress not found|\s+from \.autonotebook)")
+
+
 def render_html(notebook_path: Path, html_path: Path) -> None:
     """Render an executed notebook to standalone HTML (figures embedded, code hidden)."""
     import nbformat
     from nbconvert import HTMLExporter
 
+    notebook = nbformat.read(notebook_path, as_version=4)
+    for cell in notebook.cells:
+        outputs = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                kept = [line for line in output["text"].splitlines(keepends=True)
+                        if not BACKEND_NOISE.match(line)]
+                if not "".join(kept).strip():
+                    continue
+                output["text"] = "".join(kept)
+            outputs.append(output)
+        if "outputs" in cell:
+            cell["outputs"] = outputs
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook_path, as_version=4))
+    body, _ = exporter.from_notebook_node(notebook)
     atomic_write_text(html_path, body)
 
 

@@ -47,7 +47,9 @@ def _grouped_bars(ax, frame, yerr_low=None, yerr_high=None):
     for j, column in enumerate(frame.columns):
         yerr = None
         if yerr_low is not None:
-            yerr = np.vstack([frame[column] - yerr_low[column], yerr_high[column] - frame[column]])
+            # A percentile interval need not contain the point estimate (small samples).
+            yerr = np.clip(np.vstack([frame[column] - yerr_low[column],
+                                      yerr_high[column] - frame[column]]), 0, None)
         ax.bar(centers[:, j], frame[column], width=width, label=str(column), yerr=yerr,
                capsize=3 if yerr is not None else 0)
     ax.set_xticks(np.arange(num_groups), [str(name) for name in frame.index])

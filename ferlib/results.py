@@ -274,3 +274,17 @@ def differences_from_paper(params: dict, models: dict[str, ModelResult]) -> str:
                                               params["cv_folds"] else
                                               " (the paper used stratified 5-fold CV)") + ".")
     return "\n".join(lines)
+
+
+def blur_table(results: dict[str, ModelResult]) -> pd.DataFrame:
+    """PrivateTest accuracy and macro F1 with the inference blur (default) and without it."""
+    rows = []
+    for result in results.values():
+        row = {"model": result.display_name,
+               "blur sigma (px)": result.metrics.get("inference_blur_sigma", 0.0)}
+        for label, key in (("blurred", "test"), ("as stored", "test_no_blur")):
+            if key in result.metrics:
+                row[f"accuracy ({label})"] = round(result.metrics[key]["accuracy"], 4)
+                row[f"F1 macro ({label})"] = round(result.metrics[key]["f1_macro"], 4)
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -28,7 +28,7 @@ import pandas as pd
 
 from ferlib import NUM_CLASSES, metrics
 from ferlib.config import model_settings
-from ferlib.data import FERData, class_weights, stratified_folds
+from ferlib.data import FERData, class_weights, matching_blur_sigma, stratified_folds
 from ferlib.runs import atomic_save, fingerprint, read_json, write_json
 
 STATE_FILE = "state.json"
@@ -186,6 +186,14 @@ def _cross_entropy(labels: np.ndarray, proba: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- training
 
+def inference_blur_for(data: FERData, settings: dict) -> float:
+    """Blur (px) that brings val images to the training images' sharpness; 0 if not asked."""
+    if not settings["data"]["match_sharpness"]:
+        return 0.0
+    return matching_blur_sigma(data.subset("train")[0], data.subset("val")[0],
+                               seed=settings["seed"])
+
+
 def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bool = True,
           subdir: str | None = None) -> dict:
     """Train ``model_name`` on ``data``'s train split, select on val, report test once.
@@ -213,6 +221,7 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
     import ferlib.models  # noqa: F401  (registers custom layers for loading checkpoints)
 
     settings = model_settings(params, model_name)
+    settings["model_params"]["inference_blur_sigma"] = inference_blur_for(data, settings)
     train_settings = settings["train"]
     out = Path(run_dir) / "models" / model_name / (subdir or "")
     say = (lambda text: print(f"[{model_name}{'/' + subdir if subdir else ''}] {text}",
@@ -379,6 +388,16 @@ def _finish(model_name, state, settings, out, val, test, data, say) -> dict:
         arrays.update(test_proba=test_proba, test_labels=y_test,
                       test_ids=data.source_ids[data.split == "test"])
         result["test"] = metrics.classification_metrics(y_test, test_proba)
+        sigma = settings["model_params"]["inference_blur_sigma"]
+        if sigma:
+            # Ablation: the same weights without the inference blur (raw sharp test images).
+            plain = build_for_settings({**settings, "model_params": {
+                **settings["model_params"], "inference_blur_sigma": 0.0}})
+            plain.set_weights(model.get_weights())
+            arrays["test_proba_no_blur"] = predict_proba(plain, x_test)
+            result["test_no_blur"] = metrics.classification_metrics(y_test,
+                                                                    arrays["test_proba_no_blur"])
+        result["inference_blur_sigma"] = sigma
         if settings["train"]["tta"]:
             tta = metrics.tta_probabilities(lambda x: predict_proba(model, x), x_test)
             arrays["test_proba_tta"] = tta

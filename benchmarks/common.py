@@ -1,0 +1,120 @@
+"""Helpers shared by the benchmark scripts: timing, the quick profile's models, tables, JSON.
+
+The scripts in ``benchmarks/`` are run as files (``python benchmarks/run_all.py``), so this
+module is imported by its plain name; it must be imported before Keras (it quiets TensorFlow's
+start-up logging).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+PROFILE = "quick"
+
+# ``ferlib.train`` derives the inference blur from the data (train vs val sharpness); on
+# FER2013 the quick run derives 3.0 px. Benchmarks use random images, so it is fixed here.
+QUICK_INFERENCE_BLUR_SIGMA = 3.0
+
+
+# ----------------------------------------------------------------------------- timing
+
+def seconds_of(function) -> float:
+    """Wall-clock seconds of one call of ``function()``."""
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def call_times(function, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``function()``."""
+    return [seconds_of(function) for _ in range(repeats)]
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+# ----------------------------------------------------------------------------- models
+
+def quick_settings(model_name: str) -> dict:
+    """The settings ``ferlib.train`` would use for ``model_name`` in the quick profile."""
+    from ferlib.config import load_params, model_settings
+
+    settings = model_settings(load_params(PROFILE), model_name)
+    settings["model_params"]["inference_blur_sigma"] = QUICK_INFERENCE_BLUR_SIGMA
+    return settings
+
+
+def build_quick_model(model_name: str):
+    """(compiled model, settings) exactly as ``ferlib.train`` builds it for the quick profile."""
+    from ferlib.train import _compile, _prepare_backend, build_for_settings
+
+    settings = quick_settings(model_name)
+    _prepare_backend(settings)  # seed and precision policy, as in training
+    model = build_for_settings(settings)
+    _compile(model, settings)
+    return model, settings
+
+
+def random_images(count: int, seed: int = 0, channels: int = 1, dtype: str = "uint8"):
+    """Random images ``(count, 48, 48, channels)``: uint8 pixels, or float32 in [-1, 1]."""
+    import numpy as np
+
+    from ferlib.models import IMAGE_SIZE
+
+    rng = np.random.default_rng(seed)
+    shape = (count, IMAGE_SIZE, IMAGE_SIZE, channels)
+    if dtype == "uint8":
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    return rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
+
+
+def model_names() -> tuple[str, ...]:
+    from ferlib import MODEL_NAMES
+
+    return MODEL_NAMES
+
+
+# ----------------------------------------------------------------------------- output
+
+def check(value: float | None, limit: float, unit: str) -> dict:
+    """A target ``value <= limit``, with its verdict."""
+    passed = value is not None and value <= limit
+    return {"value": value, "target": f"<= {limit:g} {unit}".strip(), "passed": passed}
+
+
+def verdict(result: dict | None) -> str:
+    if not result:
+        return ""
+    return f"{'PASS' if result['passed'] else 'FAIL'} ({result['target']})"
+
+
+def print_table(title: str, headers: list[str], rows: list[list]) -> None:
+    """Print ``rows`` under ``headers`` in aligned columns (numbers to the right)."""
+    def text(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:,.3g}" if abs(value) < 10 else f"{value:,.0f}"
+        return str(value)
+
+    cells = [[text(value) for value in row] for row in rows]
+    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows)
+               for i in range(len(headers))]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if n else v.ljust(w)
+                         for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    print(f"\n{title}")
+    print(line([str(h) for h in headers]))
+    print(line(["-" * w for w in widths]))
+    for row in cells:
+        print(line(row))
