@@ -9,6 +9,7 @@ rerun is fast and an interrupted training continues from its last completed epoc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import re
@@ -79,20 +80,43 @@ def render_html(notebook_path: Path, html_path: Path) -> None:
     atomic_write_text(html_path, body)
 
 
+class _QuietStream:
+    """Forward a stream but drop the backend's start-up chatter, line by line."""
+
+    def __init__(self, stream):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()
+        for line in lines:
+            if not BACKEND_NOISE.match(line):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def execute(step: str, notebook: Path, output: Path, parameters: dict) -> None:
-    """Run one notebook with papermill, streaming its output to the terminal."""
+    """Run one notebook with papermill, streaming its output (minus backend noise)."""
     import papermill
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
-                                   log_output=True, progress_bar=False, cwd=str(NOTEBOOKS_DIR),
-                                   kernel_name="python3")
-    except papermill.PapermillExecutionError as error:
-        raise StepFailed(f"step {step} failed in {notebook.name}, cell {error.exec_count}: "
-                         f"{error.ename}: {error.evalue}\n"
-                         f"The partially executed notebook is {output}; earlier artifacts are "
-                         f"kept, rerun to resume.") from error
+    with contextlib.redirect_stderr(_QuietStream(sys.stderr)), \
+            contextlib.redirect_stdout(_QuietStream(sys.stdout)):
+        try:
+            papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
+                                       log_output=True, progress_bar=False,
+                                       cwd=str(NOTEBOOKS_DIR), kernel_name="python3")
+        except papermill.PapermillExecutionError as error:
+            raise StepFailed(f"step {step} failed in {notebook.name}, cell {error.exec_count}: "
+                             f"{error.ename}: {error.evalue}\n"
+                             f"The partially executed notebook is {output}; earlier artifacts "
+                             f"are kept, rerun to resume.") from error
 
 
 def report(profile: str = "quick", *, overrides: list[str] | None = None,

@@ -36,7 +36,7 @@ class ModelResult:
 
     @property
     def parameters_text(self) -> str:
-        return f"{self.metrics.get('parameters', 0) / 1e6:.1f} M parameters"
+        return f"{self.metrics.get('parameters', 0):,} parameters"
 
     @property
     def display_name(self) -> str:
@@ -226,9 +226,11 @@ def conclusion(summary: pd.DataFrame, significance: pd.DataFrame,
 PEER_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "peer_fer.json"
 
 
-def peer_result(path: Path = PEER_FILE) -> dict | None:
-    """The ready-made peer's PrivateTest metrics (``benchmarks/peer_fer.py``), if measured."""
-    return read_json(path) if Path(path).exists() else None
+def peer_result(num_test_images: int, path: Path = PEER_FILE) -> dict | None:
+    """The ready-made peer's PrivateTest metrics (``benchmarks/peer_fer.py``), if measured on
+    a test set of the same size as ours (so a subsampled run never shows it)."""
+    peer = read_json(path) if Path(path).exists() else None
+    return peer if peer and peer.get("num_images") == num_test_images else None
 
 
 def peer_row(peer: dict) -> pd.DataFrame:
@@ -267,6 +269,13 @@ def differences_from_paper(params: dict, models: dict[str, ModelResult]) -> str:
     from ferlib.runs import cpu_name
 
     here = f"not recorded; this report was rendered on {cpu_name()}, {os.cpu_count()} cores"
+    sigmas = {r.metrics.get("inference_blur_sigma") or 0.0 for r in models.values()}
+    if any(sigmas):
+        lines.append(f"- **Blurred training images**: in this FER2013 copy every Training image is "
+                     f"heavily blurred while PublicTest and PrivateTest are sharp (see 01_eda). "
+                     f"Inference inputs are blurred by {', '.join(f'{s:g}' for s in sorted(sigmas))} "
+                     f"px (derived from Training vs PublicTest) to match; the paper does not "
+                     f"mention this, and the original FER2013 has no such gap.")
     machines = sorted({r.metrics.get("machine", here) for r in models.values()})
     lines.append(f"- Hardware: {'; '.join(machines)} vs the paper's NVIDIA A100.")
     lines.append("- Protocol: official split; selection and early stopping on PublicTest, "

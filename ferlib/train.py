@@ -32,6 +32,8 @@ from ferlib.data import FERData, class_weights, matching_blur_sigma, stratified_
 from ferlib.runs import atomic_save, fingerprint, read_json, write_json
 
 STATE_FILE = "state.json"
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+TIMING_COLUMNS = ["epoch", "seconds", "train_seconds", "eval_seconds", "images_per_second"]
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -107,7 +109,8 @@ def _batches(images, onehot, batch_size, augment, seed):
 
         def __getitem__(self, index):
             chosen = self.order[index * batch_size:(index + 1) * batch_size]
-            x, y = images[chosen].astype("float32"), onehot[chosen]
+            # Keras reads a rank-3 batch as one (H, W, C) image: give it (B, H, W, 1).
+            x, y = images[chosen][..., None].astype("float32"), onehot[chosen]
             for layer, probability in ((self.mixup, augment["mixup"]),
                                        (self.cutmix, augment["cutmix"])):
                 if probability and self.rng.random() < probability:
@@ -342,8 +345,9 @@ def _save_checkpoint(state, model, out, epoch) -> None:
     atomic_save(model.save, out / name)
     state["checkpoint"] = name
     write_json(out / STATE_FILE, state)  # the commit point
-    pd.DataFrame(state["history"]).to_csv(out / "history.csv", index=False)
-    pd.DataFrame(state["timing"]).to_csv(out / "timing.csv", index=False)
+    pd.DataFrame(state["history"], columns=HISTORY_COLUMNS).to_csv(out / "history.csv",
+                                                                    index=False)
+    pd.DataFrame(state["timing"], columns=TIMING_COLUMNS).to_csv(out / "timing.csv", index=False)
     for stale in list(out.glob("checkpoint-*.keras")) + list(out.glob("best-*.weights.h5")):
         if stale.name not in (state["checkpoint"], state["best_weights"]):
             stale.unlink(missing_ok=True)

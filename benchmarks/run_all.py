@@ -1,0 +1,112 @@
+"""Run the project's benchmarks in sequence, print their figures, write ``benchmarks/results.json``.
+
+Benchmarks (``--only`` picks some, in this order):
+
+- ``data``: cold and cached load of FER2013 (targets: cold < 15 s, cached < 1 s)
+- ``matmul_peak``: fp32 matrix-product peak of this machine, GFLOP/s
+- ``train``: training images/s per model at the quick profile's sizes, the stem and
+  augmentation overhead (target: at most 15 % of throughput) and the FLOP rate as a fraction
+  of the matmul peak (so ``train`` also runs ``matmul_peak``)
+- ``inference``: single-image latency and batch throughput per model
+- ``smoke_report``: wall time of ``make report PROFILE=smoke`` in a temporary folder
+
+Every figure is measured in this one run on this machine: compare speeds only within a run
+(these machines are noisy). ``--quick`` takes fewer steps and writes
+``benchmarks/results-quick.json``: a check that the benchmarks work, not figures to quote.
+
+Usage: ``python benchmarks/run_all.py [--only data,train] [--quick] [--output PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import bench_data
+import bench_inference
+import bench_matmul
+import bench_smoke_report
+import bench_train
+import common
+
+BENCHMARKS = {module.NAME: module for module in (
+    bench_data, bench_matmul, bench_train, bench_inference, bench_smoke_report)}
+# Benchmarks whose figures another one needs: it runs first even when not asked for.
+NEEDS = {"train": ["matmul_peak"]}
+OUTPUT = common.BENCHMARKS_DIR / "results.json"
+QUICK_OUTPUT = common.BENCHMARKS_DIR / "results-quick.json"
+
+
+def selected_benchmarks(only: str | None) -> list[str]:
+    """Names from ``--only`` plus what they need, in the order of :data:`BENCHMARKS`."""
+    if not only:
+        return list(BENCHMARKS)
+    asked = [name.strip() for name in only.split(",") if name.strip()]
+    unknown = [name for name in asked if name not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"--only: unknown benchmark(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(BENCHMARKS)}")
+    wanted = set(asked).union(*(NEEDS.get(name, []) for name in asked))
+    return [name for name in BENCHMARKS if name in wanted]
+
+
+def print_checks(results: dict, names: list[str]) -> None:
+    rows = []
+    for name in names:
+        section = results[name]
+        if "error" in section:
+            rows.append([name, "(benchmark failed)", None, "", "ERROR"])
+        for check_name, check in section.get("checks", {}).items():
+            rows.append([name, check_name, check["value"], check["target"],
+                         "PASS" if check["passed"] else "FAIL"])
+    if rows:
+        common.print_table("targets", ["benchmark", "figure", "value", "target", "verdict"],
+                           rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", metavar="NAMES",
+                        help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer steps: a smoke check of the benchmarks themselves")
+    parser.add_argument("--output", type=Path,
+                        help=f"default: {OUTPUT.name}, or {QUICK_OUTPUT.name} with --quick")
+    args = parser.parse_args(argv)
+    names = selected_benchmarks(args.only)
+    output = args.output or (QUICK_OUTPUT if args.quick else OUTPUT)
+
+    from ferlib.runs import environment, write_json
+
+    results = {"machine": environment(),
+               "run": {"benchmarks": names, "quick": args.quick,
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+    machine = results["machine"]
+    print(f"{machine['processor']}, {machine['cpu_count']} cores; "
+          f"{', '.join(f'{k} {v}' for k, v in machine['packages'].items())}", flush=True)
+    failed = []
+    for name in names:
+        print(f"\n=== {name} ...", flush=True)
+        started = time.perf_counter()
+        try:
+            section = BENCHMARKS[name].run(quick=args.quick, context=results)
+        except Exception as error:
+            traceback.print_exc()
+            section = {"error": f"{type(error).__name__}: {error}"}
+            failed.append(name)
+        section["benchmark_seconds"] = time.perf_counter() - started
+        results[name] = section
+        if "error" not in section:
+            BENCHMARKS[name].print_section(section)
+        write_json(output, results)  # after each benchmark: a long run keeps what it measured
+
+    print_checks(results, names)
+    print(f"\nwrote {output}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""Tests for ferlib.train: a short training writes every artifact and lowers the loss, reruns
+skip, runs killed with ``kill -9`` resume, changed settings restart, budget / early stopping /
+schedule, the inference blur that matches sharpness, cross-validation and MixUp / CutMix.
+
+The data are synthetic FER-format arrays with a signal a tiny AlexNet learns in an epoch: each
+class is a bright horizontal band at its own height (left-right flips keep it) over noise.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import ferlib.train
+from ferlib import NUM_CLASSES
+from ferlib.config import PROJECT_ROOT, model_settings, validate
+from ferlib.data import FERData, gaussian_blur
+from ferlib.runs import read_json
+from ferlib.train import inference_blur_for, learning_rate_at, predict_proba, train, train_cv
+
+# Keras' TensorFlow backend calls np.array(tensor, copy=False) internally (NumPy 2 warns).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+TINY_ALEXNET = {"width": 0.25, "dense_units": 16}
+BASE_TRAIN = {"epochs": 2, "batch_size": 32, "learning_rate": 3e-3, "warmup_epochs": 0,
+              "early_stopping_patience": None}
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+
+
+def synthetic_data(per_split=(40, 10, 10), seed=0, blur_train=0.0, blank=False) -> FERData:
+    """``per_split`` images per class for train, val, test; optionally blurred train images
+    (as in our FER2013 copy) or all-black images (a model that cannot tell classes apart)."""
+    rng = np.random.default_rng(seed)
+    images, labels, split = [], [], []
+    for name, count in zip(("train", "val", "test"), per_split):
+        for label in range(NUM_CLASSES):
+            batch = rng.normal(70, 25, (count, 48, 48))
+            row = 3 + 6 * label
+            batch[:, row:row + 5, 4:44] += 140
+            batch = np.clip(np.rint(batch), 0, 255).astype(np.uint8)
+            if name == "train" and blur_train:
+                batch = gaussian_blur(batch, blur_train)
+            images.append(np.zeros_like(batch) if blank else batch)
+            labels += [label] * count
+            split += [name] * count
+    return FERData(images=np.concatenate(images), labels=np.array(labels, dtype=np.int64),
+                   split=np.array(split), source_ids=np.array([f"row{i}" for i in
+                                                               range(len(labels))]),
+                   source="synthetic", source_hash=f"synthetic-{seed}-{blur_train}-{blank}")
+
+
+def make_params(train_settings=None, augment=None, data=None, **top) -> dict:
+    return validate({"seed": 0, "models": ["alexnet"],
+                     "data": {"match_sharpness": False, **(data or {})},
+                     "train": {**BASE_TRAIN, **(train_settings or {})},
+                     "augment": augment or {},
+                     "model_params": {"alexnet": TINY_ALEXNET}, **top})
+
+
+def history_of(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "history.csv")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_data()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    """One 2-epoch training shared by the artifact, skip and stale-settings tests."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    params = make_params()
+    started = time.time()
+    result = train("alexnet", data, params, run_dir, progress=False)
+    return {"run_dir": run_dir, "out": run_dir / "models" / "alexnet", "params": params,
+            "result": result, "seconds": time.time() - started}
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+def test_two_epochs_lower_the_training_loss(trained):
+    history = history_of(trained["out"])
+    # Epoch means of the training loss; with this signal epoch 2 is ~0.25 lower (seeds 0-3).
+    assert history["loss"].iloc[1] < history["loss"].iloc[0]
+
+
+def test_training_writes_every_artifact(trained, data):
+    out, result = trained["out"], trained["result"]
+    history = history_of(out)
+    assert list(history.columns) == HISTORY_COLUMNS
+    assert history["epoch"].tolist() == [1, 2]
+    assert np.isfinite(history.drop(columns="epoch").to_numpy()).all()
+
+    timing = pd.read_csv(out / "timing.csv")
+    assert {"seconds", "images_per_second"} <= set(timing.columns) and len(timing) == 2
+    assert (timing[["seconds", "images_per_second"]] > 0).all().all()
+
+    x_val, y_val = data.subset("val")
+    x_test, y_test = data.subset("test")
+    with np.load(out / "predictions.npz") as saved:
+        predictions = dict(saved)
+    assert {"val_proba", "val_labels", "test_proba", "test_labels", "test_ids",
+            "test_proba_tta"} <= set(predictions)
+    for key in ("val_proba", "test_proba", "test_proba_tta"):
+        assert predictions[key].shape == (len(predictions[key.split("_")[0] + "_labels"]),
+                                          NUM_CLASSES)
+        np.testing.assert_allclose(predictions[key].sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(predictions["val_labels"], y_val)
+    np.testing.assert_array_equal(predictions["test_labels"], y_test)
+    np.testing.assert_array_equal(predictions["test_ids"], data.source_ids[data.split == "test"])
+
+    metrics = read_json(out / "metrics.json")
+    assert metrics["stopped_reason"] == "completed" and metrics["epochs_run"] == 2
+    best_epoch = int(history["epoch"][history["val_accuracy"].idxmax()])
+    assert metrics["best_epoch"] == best_epoch
+    assert metrics["val"]["accuracy"] == pytest.approx(history["val_accuracy"].max())
+    for part in ("val", "test", "test_tta"):
+        assert 0 <= metrics[part]["accuracy"] <= 1
+    assert metrics["test"]["accuracy"] == pytest.approx(
+        float((predictions["test_proba"].argmax(1) == y_test).mean()))
+    assert metrics["inference_blur_sigma"] == 0.0 and "test_no_blur" not in metrics
+    assert result["best_epoch"] == metrics["best_epoch"]
+    assert result["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+
+    settings = read_json(out / "settings.json")
+    assert settings == json.loads(json.dumps(settings))  # plain JSON
+    assert settings["model"] == "alexnet" and settings["train"]["learning_rate"] == 3e-3
+    assert settings["model_params"] == {**trained["params"]["model_params"]["alexnet"],
+                                        "inference_blur_sigma": 0.0}
+
+    best = keras.models.load_model(out / "best.keras")
+    np.testing.assert_allclose(predict_proba(best, x_test), predictions["test_proba"],
+                               atol=1e-5)
+    assert not list(out.glob("checkpoint-*.keras")) and not list(out.glob("best-*.weights.h5"))
+    assert read_json(out / "state.json")["finished"] is True
+
+
+def test_second_call_skips(trained, data):
+    out = trained["out"]
+    before = {path.name: (path.stat().st_mtime_ns, path.read_bytes())
+              for path in out.iterdir() if path.is_file()}
+    started = time.time()
+    again = train("alexnet", data, trained["params"], trained["run_dir"], progress=False)
+    elapsed = time.time() - started
+    assert again == read_json(out / "metrics.json")
+    assert again["best_epoch"] == trained["result"]["best_epoch"]
+    assert again["test"]["accuracy"] == pytest.approx(trained["result"]["test"]["accuracy"])
+    after = {path.name: (path.stat().st_mtime_ns, path.read_bytes())
+             for path in out.iterdir() if path.is_file()}
+    assert after == before, "a finished run must not be touched"
+    assert elapsed < max(2.0, trained["seconds"] / 2), f"skipping took {elapsed:.1f}s"
+
+
+def test_changed_settings_move_the_old_run_aside(trained, data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["run_dir"], run_dir)
+    models = run_dir / "models"
+    old_metrics = read_json(models / "alexnet" / "metrics.json")
+    params = make_params({"learning_rate": 1e-3})
+    result = train("alexnet", data, params, run_dir, progress=False)
+
+    [stale] = models.glob("alexnet.stale-*")
+    assert read_json(stale / "metrics.json") == old_metrics
+    assert read_json(stale / "settings.json")["train"]["learning_rate"] == 3e-3
+    out = models / "alexnet"
+    assert read_json(out / "settings.json")["train"]["learning_rate"] == 1e-3
+    assert history_of(out)["epoch"].tolist() == [1, 2]
+    assert read_json(out / "metrics.json") == result
+    assert result["stopped_reason"] == "completed"
+
+
+# ----------------------------------------------------------------------------- resume after kill -9
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+
+    import keras
+    import numpy as np
+
+    import ferlib.train
+    from ferlib.data import FERData
+
+    arrays_file, params_file, run_dir = sys.argv[1:4]
+    with np.load(arrays_file) as arrays:
+        data = FERData(images=arrays["images"], labels=arrays["labels"], split=arrays["split"],
+                       source_ids=arrays["source_ids"], source="synthetic",
+                       source_hash=str(arrays["source_hash"]))
+    with open(params_file) as handle:
+        params = json.load(handle)
+
+    # Slow every batch down (sleeping costs no CPU) so that the parent can kill this process
+    # in the middle of training, whatever the machine's speed.
+    make_callbacks = ferlib.train._make_callbacks
+
+    class Slow(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            time.sleep(0.2)
+
+    ferlib.train._make_callbacks = lambda *args, **kwargs: [*make_callbacks(*args, **kwargs),
+                                                            Slow()]
+    ferlib.train.train("alexnet", data, params, run_dir)
+    print("FINISHED", flush=True)
+""")
+
+
+RESUME_EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, data):
+    """A 6-epoch training in a subprocess, killed with SIGKILL after >= 2 committed epochs,
+    then resumed in this process with the same run folder, data and params."""
+    tmp_path = tmp_path_factory.mktemp("resume")
+    params = make_params({"epochs": RESUME_EPOCHS})
+    arrays_file, params_file = tmp_path / "data.npz", tmp_path / "params.json"
+    np.savez(arrays_file, images=data.images, labels=data.labels, split=data.split,
+             source_ids=data.source_ids, source_hash=np.array(data.source_hash))
+    params_file.write_text(json.dumps(params))
+    (tmp_path / "resume.py").write_text(RESUME_SCRIPT)
+    run_dir = tmp_path / "run"
+    out = run_dir / "models" / "alexnet"
+    log = tmp_path / "child.log"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MPLBACKEND": "Agg"}
+
+    with open(log, "w") as log_handle:
+        child = subprocess.Popen(
+            [sys.executable, str(tmp_path / "resume.py"), str(arrays_file), str(params_file),
+             str(run_dir)], cwd=PROJECT_ROOT, env=env, stdout=log_handle, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            done = 0
+            while time.time() < deadline and child.poll() is None:
+                try:
+                    done = len(read_json(out / "state.json", {}).get("history", []))
+                except json.JSONDecodeError:
+                    done = 0
+                if done >= 2:
+                    break
+                time.sleep(0.05)
+            if child.poll() is not None:
+                pytest.fail(f"the training subprocess ended (exit code {child.returncode}) "
+                            f"before it could be killed after 2 epochs; its log:\n"
+                            f"{log.read_text()[-3000:]}")
+            if done < 2:
+                pytest.fail(f"no 2 completed epochs within 300 s; log:\n{log.read_text()[-3000:]}")
+            os.kill(child.pid, signal.SIGKILL)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert "FINISHED" not in log.read_text()
+
+    before = read_json(out / "state.json")
+    assert 2 <= len(before["history"]) < RESUME_EPOCHS and not before["finished"], before
+    assert not (out / "metrics.json").exists()
+
+    result = train("alexnet", data, json.loads(params_file.read_text()), run_dir, progress=False)
+    return {"out": out, "before": before, "result": result}
+
+
+def test_resume_after_kill_9_lists_every_epoch_once(resumed):
+    out, before = resumed["out"], resumed["before"]
+    completed = len(before["history"])
+    assert not list(out.parent.glob("alexnet.stale-*")), "resume must not restart the run"
+    history = history_of(out)
+    assert sorted(history.columns) == sorted(HISTORY_COLUMNS)
+    assert history["epoch"].tolist() == list(range(1, RESUME_EPOCHS + 1))
+    # The epochs committed before the kill are kept as they were, not trained again.
+    kept = pd.DataFrame(before["history"])[HISTORY_COLUMNS]
+    pd.testing.assert_frame_equal(history[HISTORY_COLUMNS].iloc[:completed], kept,
+                                  check_dtype=False, rtol=1e-12)
+    assert pd.read_csv(out / "timing.csv")["epoch"].tolist() == list(range(1, RESUME_EPOCHS + 1))
+    metrics = read_json(out / "metrics.json")
+    assert metrics == resumed["result"]
+    assert metrics["stopped_reason"] == "completed" and metrics["epochs_run"] == RESUME_EPOCHS
+    assert not list(out.glob("checkpoint-*.keras"))
+    assert keras.models.load_model(out / "best.keras") is not None
+
+
+def test_resumed_history_keeps_the_column_order(resumed, trained):
+    out = resumed["out"]
+    assert list(history_of(out).columns) == HISTORY_COLUMNS
+    fresh_timing = pd.read_csv(trained["out"] / "timing.csv")
+    assert list(pd.read_csv(out / "timing.csv").columns) == list(fresh_timing.columns)
+
+
+# ----------------------------------------------------------------------------- stopping
+
+def test_budget_stops_after_one_epoch(tmp_path, data):
+    params = make_params({"epochs": 5, "budget_minutes": 0.002})
+    result = train("alexnet", data, params, tmp_path, progress=False)
+    out = tmp_path / "models" / "alexnet"
+    metrics = read_json(out / "metrics.json")
+    assert metrics == result
+    assert metrics["stopped_reason"] == "budget"
+    assert metrics["epochs_run"] == 1 and metrics["budget_minutes"] == 0.002
+    assert history_of(out)["epoch"].tolist() == [1]
+
+
+def test_early_stopping_when_validation_stops_improving(tmp_path):
+    # Black images and a zero learning rate: every logit is exactly 0 (convolutions and dense
+    # layers have no bias, BatchNorm's beta stays 0), so validation accuracy is the same in
+    # every epoch, never improves after epoch 1, and patience 1 stops after epoch 2.
+    data = synthetic_data(blank=True)
+    params = make_params({"epochs": 5, "learning_rate": 0.0, "early_stopping_patience": 1})
+    result = train("alexnet", data, params, tmp_path, progress=False)
+    out = tmp_path / "models" / "alexnet"
+    assert read_json(out / "metrics.json") == result
+    assert result["stopped_reason"] == "early_stopping"
+    assert result["epochs_run"] == 2 and result["best_epoch"] == 1
+    history = history_of(out)
+    assert history["epoch"].tolist() == [1, 2]
+    assert (history["learning_rate"] == 0).all()
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def schedule(**overrides) -> dict:
+    return validate({"train": {"learning_rate": 1e-3, "warmup_epochs": 1,
+                               "min_learning_rate": 1e-5, **overrides}})["train"]
+
+
+def test_learning_rate_warmup_then_cosine():
+    train_settings = schedule()
+    at = lambda step: learning_rate_at(step, 10, 5, train_settings)  # noqa: E731
+    assert at(0) == pytest.approx(1e-4)     # (0 + 1) / 10 of the base
+    assert at(4) == pytest.approx(5e-4)
+    assert at(9) == pytest.approx(1e-3)
+    assert at(10) == pytest.approx(1e-3)    # warm-up done: top of the cosine
+    assert at(30) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # halfway through 40 steps
+    assert at(50) == pytest.approx(1e-5)    # the end: min_learning_rate
+    assert at(80) == pytest.approx(1e-5)    # past the plan stays at the floor
+    steps = [at(step) for step in range(10, 51)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
+
+
+def test_learning_rate_without_warmup_plateau_and_constant():
+    assert learning_rate_at(0, 10, 5, schedule(warmup_epochs=0)) == pytest.approx(1e-3)
+    plateau = schedule(schedule="plateau")
+    assert learning_rate_at(20, 10, 5, plateau, plateau_scale=0.25) == pytest.approx(2.5e-4)
+    assert learning_rate_at(4, 10, 5, plateau, plateau_scale=0.25) == pytest.approx(5e-4)
+    constant = schedule(schedule="constant", warmup_epochs=0)
+    assert learning_rate_at(37, 10, 5, constant) == pytest.approx(1e-3)
+
+
+# ----------------------------------------------------------------------------- sharpness matching
+
+def test_match_sharpness_blurs_inference_for_blurry_training_images(tmp_path):
+    data = synthetic_data(blur_train=2.5)
+    params = make_params({"epochs": 1}, data={"match_sharpness": True})
+    result = train("alexnet", data, params, tmp_path, progress=False)
+    out = tmp_path / "models" / "alexnet"
+    sigma = read_json(out / "settings.json")["model_params"]["inference_blur_sigma"]
+    assert 0 < sigma and abs(sigma - 2.5) <= 0.7
+    metrics = read_json(out / "metrics.json")
+    assert metrics == result
+    assert metrics["inference_blur_sigma"] == sigma
+    assert 0 <= metrics["test_no_blur"]["accuracy"] <= 1
+    with np.load(out / "predictions.npz") as predictions:
+        assert predictions["test_proba_no_blur"].shape == predictions["test_proba"].shape
+    best = keras.models.load_model(out / "best.keras")
+    assert best.get_layer("inference_blur").sigma == sigma
+
+
+def test_no_inference_blur_for_sharp_training_images_or_when_off(data):
+    on = model_settings(make_params(data={"match_sharpness": True}), "alexnet")
+    assert inference_blur_for(data, on) == 0.0
+    off = model_settings(make_params(), "alexnet")
+    assert inference_blur_for(synthetic_data(blur_train=2.5), off) == 0.0
+
+
+# ----------------------------------------------------------------------------- cross-validation
+
+def test_train_cv_two_folds(tmp_path, data):
+    params = make_params({"epochs": 1}, cv_folds=2)
+    summary = train_cv("alexnet", data, params, tmp_path, progress=False)
+    model_dir = tmp_path / "models" / "alexnet"
+    folds = [read_json(model_dir / f"fold{k}" / "metrics.json") for k in (1, 2)]
+    assert all(fold["stopped_reason"] == "completed" for fold in folds)
+    assert read_json(model_dir / "cv_metrics.json") == json.loads(json.dumps(summary))
+    assert summary["folds"] == 2
+    accuracies = [fold["val"]["accuracy"] for fold in folds]
+    assert summary["val"]["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert summary["val"]["std"]["accuracy"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert "accuracy" in summary["test"]["mean"] and "accuracy" in summary["test"]["std"]
+
+    # The folds' validation sets split train+val between them; test stays PrivateTest.
+    val_ids = []
+    for k in (1, 2):
+        with np.load(model_dir / f"fold{k}" / "predictions.npz") as predictions:
+            val_ids.append(set(predictions["val_ids"].tolist()))
+            np.testing.assert_array_equal(predictions["test_ids"],
+                                          data.source_ids[data.split == "test"])
+    assert not val_ids[0] & val_ids[1]
+    assert val_ids[0] | val_ids[1] == set(data.source_ids[data.split != "test"].tolist())
+
+
+# ----------------------------------------------------------------------------- MixUp / CutMix
+
+def test_mixup_cutmix_batches_mix_labels(data):
+    images, labels = data.subset("train")
+    onehot = keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
+    batches, targets = ferlib.train._batches(images, onehot, 32, {"mixup": 1.0, "cutmix": 1.0},
+                                             seed=0)
+    assert targets is None and len(batches) == int(np.ceil(len(images) / 32))
+    x, y = batches[0]
+    assert x.dtype == np.uint8 and x.shape[1:3] == (48, 48) and len(x) == len(y) == 32
+    assert x.shape[3:] in ((), (1,))  # what the models take
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-5)
+    assert (y.max(axis=1) < 1 - 1e-6).any(), "MixUp / CutMix should mix the labels"
+
+
+def test_mixup_cutmix_training_runs(tmp_path, data):
+    params = make_params({"epochs": 1}, augment={"mixup": 1.0, "cutmix": 1.0})
+    result = train("alexnet", data, params, tmp_path, progress=False)
+    out = tmp_path / "models" / "alexnet"
+    assert result["stopped_reason"] == "completed" and result["epochs_run"] == 1
+    history = history_of(out)
+    assert history["epoch"].tolist() == [1] and np.isfinite(history["loss"]).all()
