@@ -19,7 +19,9 @@ def _data_summary(args) -> int:
           f"{len(dataset.skipped)} skipped)\n")
     print(fer_data.class_counts(dataset).to_string(), "\n")
     print(fer_data.duplicate_summary(dataset).to_string(), "\n")
-    print(f"near-blank images (pixel std < 3): {len(fer_data.near_blank(dataset))}")
+    print(f"near-blank images (pixel std < 3): {len(fer_data.near_blank(dataset))}\n")
+    print("sharpness (mean |Laplacian|) per split; a large gap = blurred vs sharp images:")
+    print(fer_data.sharpness_by_split(dataset).round(2).to_string())
     return 0
 
 

@@ -778,3 +778,35 @@ def test_real_fer2013(tmp_path):
     for split, counts in REAL_CLASS_COUNTS.items():
         assert table.loc[list(EMOTIONS), split].tolist() == counts, split
     assert isinstance(table, pd.DataFrame)
+
+
+# ----------------------------------------------------------------------------- sharpness
+
+def _faces(count, seed=0):
+    """Random images with sharp structure (blocks), so blurring them is measurable."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (count, 12, 12)).astype(np.uint8)
+    return np.kron(blocks, np.ones((4, 4), np.uint8))
+
+
+def test_sharpness_falls_with_blur():
+    images = _faces(20)
+    values = [float(np.median(ferlib.data.sharpness(ferlib.data.gaussian_blur(images, sigma))))
+              for sigma in (0, 1, 2, 3)]
+    assert values == sorted(values, reverse=True) and values[0] > 3 * values[-1]
+    assert ferlib.data.sharpness(np.full((2, 48, 48), 128, np.uint8)).tolist() == [0.0, 0.0]
+
+
+def test_matching_blur_sigma_recovers_the_blur_and_ignores_equal_sets():
+    sharp, other = _faces(200, seed=1), _faces(200, seed=2)
+    blurred = ferlib.data.gaussian_blur(other, 2.0)
+    assert ferlib.data.matching_blur_sigma(blurred, sharp) == pytest.approx(2.0, abs=0.4)
+    assert ferlib.data.matching_blur_sigma(other, sharp) == 0.0
+
+
+def test_sharpness_by_split_shows_the_gap():
+    images = np.concatenate([ferlib.data.gaussian_blur(_faces(10), 3.0), _faces(10, seed=3)])
+    data = make_data([0] * 20, ["train"] * 10 + ["test"] * 10, images=images)
+    table = ferlib.data.sharpness_by_split(data)
+    assert list(table.index) == ["train", "test"]
+    assert table.loc["train", "median"] * 3 < table.loc["test", "median"]
