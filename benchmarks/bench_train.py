@@ -131,11 +131,42 @@ def measure_model(model_name: str, quick: bool, peak_gflops: float | None) -> di
     }
 
 
+def measure_precision(model_name: str, quick: bool) -> dict:
+    """Training images/s of one model in float32 and in mixed_bfloat16, interleaved."""
+    import keras
+    import numpy as np
+
+    from ferlib import NUM_CLASSES
+
+    models = {}
+    for precision in ("float32", "mixed_bfloat16"):
+        models[precision], settings = common.build_quick_model(model_name, precision)
+    keras.mixed_precision.set_global_policy("float32")
+    batch_size = settings["train"]["batch_size"]
+    count = batch_size * (QUICK_TIMED_BATCHES if quick else TIMED_BATCHES)
+    images = common.random_images(count)
+    labels = np.random.default_rng(2).integers(0, NUM_CLASSES, size=count)
+    targets = keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
+    warmup = batch_size * WARMUP_BATCHES
+    rates = {precision: [] for precision in models}
+    for precision, model in models.items():
+        fit_images_per_second(model, images[:warmup], targets[:warmup], batch_size)
+    for _ in range(QUICK_REPEATS if quick else REPEATS):
+        for precision, model in models.items():
+            rates[precision].append(fit_images_per_second(model, images, targets, batch_size))
+    best = {precision: max(values) for precision, values in rates.items()}
+    return {"model": model_name, "images_per_second": best, "all_images_per_second": rates,
+            "bf16_speedup": best["mixed_bfloat16"] / best["float32"]}
+
+
 def run(quick: bool = False, context: dict | None = None) -> dict:
     """Measure every registered model; ``context['matmul_peak']`` supplies the peak GFLOP/s."""
     peak = ((context or {}).get("matmul_peak") or {}).get("peak_gflops")
     models = {name: measure_model(name, quick, peak) for name in common.model_names()}
+    # Issue: does mixed_bfloat16 pay off for the ViT (mostly matrix products) on this CPU?
+    precision = measure_precision("vit", quick)
     return {
+        "vit_precision": precision,
         "settings": {"profile": common.PROFILE, "data": "random uint8 (N, 48, 48, 1); bare: "
                      "random float32 (N, 48, 48, 3)",
                      "statistic": f"best of {QUICK_REPEATS if quick else REPEATS} timed fits "
@@ -165,3 +196,8 @@ def print_section(section: dict) -> None:
         f"train: quick-profile models, batch {batch_size}, {section['settings']['statistic']}",
         ["model", "img/s", "bare img/s", "stem %", "fwd GFLOP/img", "train GFLOP/s",
          "% of peak", "stem target"], rows)
+    precision = section.get("vit_precision")
+    if precision:
+        rates = precision["images_per_second"]
+        print(f"ViT training img/s: float32 {rates['float32']:.1f}, mixed_bfloat16 "
+              f"{rates['mixed_bfloat16']:.1f} (x{precision['bf16_speedup']:.2f})")

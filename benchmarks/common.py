@@ -51,11 +51,14 @@ def quick_settings(model_name: str) -> dict:
     return settings
 
 
-def build_quick_model(model_name: str):
-    """(compiled model, settings) exactly as ``ferlib.train`` builds it for the quick profile."""
+def build_quick_model(model_name: str, precision: str | None = None):
+    """(compiled model, settings) exactly as ``ferlib.train`` builds it for the quick profile
+    (optionally with another ``train.precision``, e.g. ``mixed_bfloat16``)."""
     from ferlib.train import _compile, _prepare_backend, build_for_settings
 
     settings = quick_settings(model_name)
+    if precision:
+        settings["train"]["precision"] = precision
     _prepare_backend(settings)  # seed and precision policy, as in training
     model = build_for_settings(settings)
     _compile(model, settings)

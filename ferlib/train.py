@@ -328,16 +328,18 @@ def _update_state(state, model, out, epoch, val_accuracy, val_loss, train, budge
                          plateau_wait=0)
     mean_epoch = state["train_seconds"] / epoch
     if budget:
-        # The cosine schedule is planned to end where the budget will stop training.
+        # The cosine schedule is planned to end where the budget will stop training. The plan
+        # only shrinks: growing it after the cosine has run out would restart the decay.
         affordable = int(budget // mean_epoch)
-        state["planned_epochs"] = int(np.clip(affordable, epoch, train["epochs"]))
+        state["planned_epochs"] = int(np.clip(affordable, epoch, state["planned_epochs"]))
     patience = train["early_stopping_patience"]
     if epoch >= train["epochs"]:
         state["stopped_reason"] = "completed"
     elif patience is not None and state["wait"] >= patience:
         state["stopped_reason"] = "early_stopping"
-    elif budget and state["train_seconds"] + mean_epoch > budget:
-        state["stopped_reason"] = "budget"
+    elif budget and (state["train_seconds"] + mean_epoch > budget
+                     or epoch >= state["planned_epochs"]):
+        state["stopped_reason"] = "budget"  # out of time, or the budget's schedule has ended
 
 
 def _save_checkpoint(state, model, out, epoch) -> None:
