@@ -505,7 +505,29 @@ def save_figure(fig, path, dpi=100):
     return path
 
 
+class PublishedFigure:
+    """A figure saved as PNG that notebooks display as that PNG, whatever the backend.
+
+    Our figures are pyplot-free, so IPython only renders them when the inline backend has
+    registered its formatter; with ``MPLBACKEND=Agg`` (as under ``make report``) it would print
+    ``<Figure ...>`` instead. ``_repr_png_`` makes the saved file the displayed image.
+    """
+
+    def __init__(self, figure, path):
+        self.figure, self.path = figure, Path(path)
+
+    def _repr_png_(self):
+        return self.path.read_bytes()
+
+
 def publish(fig, directory, name, dpi=100):
-    """Save ``fig`` as ``directory/name.png`` and return it, so a notebook cell shows it."""
-    save_figure(fig, Path(directory) / f"{name}.png", dpi=dpi)
-    return fig
+    """Save ``fig`` as ``directory/name.png``; return it wrapped so a notebook cell shows it.
+
+    Returns
+    -------
+    PublishedFigure
+        ``.figure`` is the Figure, ``.path`` the PNG; displays as the PNG in notebooks.
+    """
+    path = Path(directory) / f"{name}.png"
+    save_figure(fig, path, dpi=dpi)
+    return PublishedFigure(fig, path)

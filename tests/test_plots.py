@@ -174,3 +174,11 @@ def test_save_figure_writes_png(check, tmp_path):
     path = plots.save_figure(fig, tmp_path / "deep" / "dir" / "distribution.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [item.name for item in path.parent.iterdir()] == ["distribution.png"]
+
+
+def test_publish_saves_and_displays_the_png(tmp_path):
+    fig = plots.per_class_f1_bars({"vit": np.linspace(0, 1, 7)})
+    published = plots.publish(fig, tmp_path / "figures", "f1")
+    png = published._repr_png_()
+    assert png.startswith(b"\x89PNG") and (tmp_path / "figures" / "f1.png").read_bytes() == png
+    assert published.figure is fig
