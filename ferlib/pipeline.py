@@ -156,8 +156,11 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
         notebook = NOTEBOOKS_DIR / notebook_name
         executed = run / "notebooks" / f"{step}.ipynb"
         html_file = reports / f"{step}.html"
+        # A train step's report depends on its model's results (which may have been trained
+        # outside the pipeline, e.g. with `ferlib train` or on a GPU box); compare on all.
         upstream = ([f"models/{m}/metrics.json" for m in params["models"]]
-                    if step == "04_compare" else [])
+                    if step == "04_compare" else
+                    [f"models/{extra['model']}/metrics.json"] if "model" in extra else [])
         marker = run / "steps" / f"{step}.json"
         inputs = _step_inputs(params, notebook, data_hash, upstream, run)
         done = read_json(marker, {})
