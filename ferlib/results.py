@@ -103,11 +103,24 @@ def summary_table(results: dict[str, ModelResult], n_boot: int = 1000, seed: int
         for metric in HEADLINE_METRICS:
             value, low, high = intervals.loc[metric, ["value", "low", "high"]]
             row[metric] = round(float(value), 4)
+            row[f"{metric}_low"], row[f"{metric}_high"] = float(low), float(high)
             row[f"{metric}_ci"] = f"[{low:.3f}, {high:.3f}]"
             if metric in PAPER_COLUMNS and name in claims.index:
                 row[f"paper_{PAPER_COLUMNS[metric]}"] = claims.loc[name, PAPER_COLUMNS[metric]]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def comparison_bars(summary: pd.DataFrame) -> pd.DataFrame:
+    """Our metrics with CI bounds, indexed by model key, in the paper's Table 4 columns
+    (the layout ``ferlib.plots.metric_comparison`` takes)."""
+    keys = {name: key for key, name in paper.MODEL_DISPLAY_NAMES.items()}
+    measured = summary.set_index(summary["model"].map(lambda name: keys.get(name, name)))
+    columns = {}
+    for ours, theirs in PAPER_COLUMNS.items():
+        for suffix in ("", "_low", "_high"):
+            columns[f"{theirs}{suffix}"] = measured[f"{ours}{suffix}"]
+    return pd.DataFrame(columns)
 
 
 def headline(summary: pd.DataFrame) -> pd.DataFrame:

@@ -60,9 +60,7 @@ def _make_callbacks(state: dict, steps_per_epoch: int, train_settings: dict, sho
         """Sets the learning rate every step from the resumable state (no hidden schedule)."""
 
         def on_train_batch_begin(self, batch, logs=None):
-            step = int(self.model.optimizer.iterations.numpy()) if hasattr(
-                self.model.optimizer.iterations, "numpy") else int(
-                keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
             self.model.optimizer.learning_rate = learning_rate_at(
                 step, steps_per_epoch, state["planned_epochs"], train_settings,
                 state["plateau_scale"])
