@@ -98,6 +98,19 @@ def fingerprint(value) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def code_hash(*modules: str) -> str:
+    """Short hash of the source of ``ferlib`` modules (``"train"``, ``"models"``...).
+
+    Part of every fingerprint that decides whether a result is still current, so a fix to the
+    code that computed a result invalidates it, and a change elsewhere does not.
+    """
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for module in sorted(set(modules)):
+        digest.update(module.encode() + b"\0" + (package / f"{module}.py").read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def git_commit() -> str | None:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, text=True,
