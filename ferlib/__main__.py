@@ -22,6 +22,11 @@ def _data_summary(args) -> int:
     print(f"near-blank images (pixel std < 3): {len(fer_data.near_blank(dataset))}\n")
     print("sharpness (mean |Laplacian|) per split; a large gap = blurred vs sharp images:")
     print(fer_data.sharpness_by_split(dataset).round(2).to_string())
+    ratio = 1.5
+    print(fer_data.sharpness_warning(dataset, ratio=ratio)
+          or f"sharpness: all splits alike (within {ratio}x)", "\n")
+    print("images also in another split (pixel-identical), and conflicting labels:")
+    print(fer_data.cross_split_overlap(dataset).to_string(na_rep=""))
     return 0
 
 

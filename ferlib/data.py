@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -27,11 +29,14 @@ from ferlib import EMOTIONS
 
 IMAGE_SIZE = 48
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
 CSV_HEADER = ("emotion", "pixels", "Usage")
 USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 FILE_PREFIX_TO_SPLIT = {"training": "train", "publictest": "val", "privatetest": "test"}
+# Top folder (any case) -> split. A file-name prefix above wins over the folder.
+FOLDER_TO_SPLIT = {"train": "train", "training": "train",
+                   "val": "val", "valid": "val", "validation": "val",
+                   "test": "test", "testing": "test"}
 CLASS_ALIASES = {
     "angry": "angry", "anger": "angry", "mad": "angry",
     "disgust": "disgust", "disgusted": "disgust", "disgusting": "disgust",
@@ -64,7 +69,7 @@ class FERData:
     skipped : list of (entry, reason) for entries skipped with ``on_error="skip"``
     converted : number of images that were resized or converted to grayscale
     source : where the data came from
-    source_hash : sha256 of the source (file content, or listing of a folder)
+    source_hash : sha256 of the source (file content; for a folder, every file's name and bytes)
     """
 
     images: np.ndarray
@@ -126,23 +131,35 @@ def _decode_image(raw: bytes) -> tuple[np.ndarray, bool]:
         return np.asarray(image, dtype=np.uint8), converted
 
 
-def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def _update_from_file(digest, path: Path, chunk_size: int = 1 << 22) -> None:
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    _update_from_file(digest, path, chunk_size)
     return digest.hexdigest()
 
 
 def source_hash(path: Path) -> str:
-    """sha256 of a file, or of a folder's listing (relative names, sizes, mtimes)."""
+    """sha256 of a source: a file's bytes, or a folder's content.
+
+    For a folder every file below it counts, in sorted order: its relative name (POSIX form),
+    its size and its bytes. Sizes and modification times alone are not enough: an image
+    rewritten with the same size and its old mtime (``cp -p``, a restored backup) must still
+    change the hash, or the ``.npz`` cache would return stale pixels.
+    """
     path = Path(path)
     if path.is_file():
         return file_sha256(path)
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        # The name and size frame the bytes, so no two different folders hash alike.
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
+        _update_from_file(digest, file)
     return digest.hexdigest()
 
 
@@ -225,23 +242,36 @@ def read_csv(path: Path, on_error: str = "raise") -> FERData:
 
 # ----------------------------------------------------------------------------- folder / zip
 
-def _split_of(parts: tuple[str, ...]) -> tuple[str | None, str, str]:
-    """(split or None, class folder, top folder) for an entry's path parts below the root."""
+def _split_of(parts: tuple[str, ...]) -> tuple[str | None, str, str | None]:
+    """Where an entry belongs, from its path parts below the root.
+
+    Returns
+    -------
+    (prefix split, class folder, folder split)
+        ``prefix split`` comes from a ``Training_`` / ``PublicTest_`` / ``PrivateTest_`` file
+        name (None without one); ``folder split`` from the top folder (``train``,
+        ``val``/``valid``/``validation``, ``test``, any case; None for another or no folder).
+    """
     class_folder, file_name = parts[-2], parts[-1]
     top = parts[-3].lower() if len(parts) >= 3 else ""
     prefix = re.split(r"[_\-.]", file_name, maxsplit=1)[0].lower()
-    return FILE_PREFIX_TO_SPLIT.get(prefix), class_folder, top
+    return FILE_PREFIX_TO_SPLIT.get(prefix), class_folder, FOLDER_TO_SPLIT.get(top)
 
 
 def _read_entries(entries, root: str, on_error: str, class_map: dict | None,
                   val_fraction: float, seed: int) -> FERData:
-    """Shared logic for folders and zips: ``entries`` yields (name, relative parts, reader)."""
+    """Shared logic for folders and zips: ``entries`` yields (name, relative parts, reader).
+
+    The split of an entry is its file-name prefix if it has one, else its top folder's
+    (:data:`FOLDER_TO_SPLIT`), else ``test``. Only a layout without any validation image gets
+    a seeded stratified ``val_fraction`` of its prefix-less train images as validation.
+    """
     collector = _Collector(on_error)
     unsplit: list[int] = []  # indices whose split came from the folder, not the file name
     for name, parts, read in entries:
         if len(parts) < 2:
             continue  # a file at the root (README, licence) is not an image of a class
-        split, class_folder, top = _split_of(parts)
+        split, class_folder, folder_split = _split_of(parts)
         label = class_index(class_folder, class_map)
         entry = f"{root}: {name}"
         if label is None:
@@ -255,11 +285,13 @@ def _read_entries(entries, root: str, on_error: str, class_map: dict | None,
             collector.bad(entry, f"cannot decode image ({type(error).__name__}: {error})")
             continue
         if split is None:
-            split = "train" if top in ("train", "training") else "test"
+            split = folder_split or "test"
             unsplit.append(len(collector.labels))
         collector.add(image, label, split, name, converted)
     data = collector.result(root)
-    if unsplit:
+    # A layout with its own validation images keeps them; carving more out of train would
+    # shrink train for nothing and make two kinds of validation image.
+    if unsplit and not (data.split == "val").any():
         data.split[_stratified_val_slice(data, np.asarray(unsplit), val_fraction, seed)] = "val"
     return data
 
@@ -280,13 +312,14 @@ def _stratified_val_slice(data: FERData, candidates: np.ndarray, fraction: float
 
 
 def read_folder(path: Path, on_error="raise", class_map=None, val_fraction=0.1, seed=0):
-    """Read an image-folder root (``train/<class>/``, ``test/<class>/`` or just ``<class>/``)."""
+    """Read an image-folder root (``train/<class>/``, ``val/<class>/``, ``test/<class>/`` or
+    just ``<class>/``)."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()
                    and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FERDataError(f"{path}: no images found (expected train/<class>/*.jpg, "
-                           f"test/<class>/*.jpg or <class>/*.jpg)")
+                           f"val/<class>/*.jpg, test/<class>/*.jpg or <class>/*.jpg)")
     entries = ((str(f.relative_to(path)), f.relative_to(path).parts, f.read_bytes)
                for f in files)
     return _read_entries(entries, str(path), on_error, class_map, val_fraction, seed)
@@ -350,10 +383,11 @@ def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None
     class_map : dict, optional
         Extra class-folder names, ``{"contempt": "disgust"}``.
     val_fraction, seed : float, int
-        Used only when file names carry no official split: the seeded stratified slice of
-        ``train/`` that becomes the validation set.
+        Used only when the layout has no validation images (no ``PublicTest_`` file names, no
+        ``val/`` folder): the seeded stratified slice of ``train/`` that becomes validation.
     cache : bool
-        Read and write a ``.npz`` cache keyed by the source's hash and these options.
+        Read and write a ``.npz`` cache keyed by the source's content hash, these options and
+        :func:`reader_version`, so a changed file or a changed reader never returns stale data.
 
     Returns
     -------
@@ -363,7 +397,7 @@ def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None
     kind = detect_format(path)
     digest = source_hash(path)
     options = {"on_error": on_error, "class_map": class_map, "val_fraction": val_fraction,
-               "seed": seed, "version": CACHE_VERSION}
+               "seed": seed, "reader": reader_version()}
     key = hashlib.sha256((digest + json.dumps(options, sort_keys=True)).encode()).hexdigest()
     cache_file = Path(cache_dir or default_cache_dir()) / f"fer-{key[:24]}.npz"
     if cache and cache_file.exists():
@@ -385,6 +419,7 @@ def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None
 
 
 def _write_cache(cache_file: Path, data: FERData) -> None:
+    """Write ``data`` to ``cache_file`` atomically (temp file in the same folder + rename)."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp.npz")
     os.close(handle)
@@ -395,11 +430,52 @@ def _write_cache(cache_file: Path, data: FERData) -> None:
 
 
 def _read_cache(cache_file: Path, source: str, digest: str) -> FERData:
+    """The FERData that :func:`_write_cache` stored, labelled with ``source`` and ``digest``."""
     with np.load(cache_file, allow_pickle=False) as archive:
         return FERData(images=archive["images"], labels=archive["labels"],
                        split=archive["split"], source_ids=archive["source_ids"],
                        skipped=[tuple(s) for s in json.loads(str(archive["skipped"]))],
                        converted=int(archive["converted"]), source=source, source_hash=digest)
+
+
+# The code and constants whose change can change what a load returns. Held here as objects, not
+# looked up by name at call time, so a test that monkeypatches a reader does not change the key.
+_READER_FUNCTIONS = (class_index, _decode_image, _Collector, read_csv, _split_of, _read_entries,
+                     _stratified_val_slice, read_folder, read_zip, detect_format, _write_cache,
+                     _read_cache)
+_READER_CONSTANTS = {"EMOTIONS": EMOTIONS, "IMAGE_SIZE": IMAGE_SIZE, "SPLITS": SPLITS,
+                     "IMAGE_SUFFIXES": IMAGE_SUFFIXES, "CSV_HEADER": CSV_HEADER,
+                     "USAGE_TO_SPLIT": USAGE_TO_SPLIT,
+                     "FILE_PREFIX_TO_SPLIT": FILE_PREFIX_TO_SPLIT,
+                     "FOLDER_TO_SPLIT": FOLDER_TO_SPLIT, "CLASS_ALIASES": CLASS_ALIASES}
+
+
+@functools.lru_cache(maxsize=None)
+def reader_version() -> str:
+    """Short sha256 of the reading code, part of every cache key.
+
+    Hashes the source text of the functions that decode, read, split and cache (and the
+    module constants they use) plus the Pillow version (JPEG decoding may differ between its
+    releases). Any edit to them gives a new version, so caches written by older code are never
+    read; nobody has to remember to bump a number.
+
+    Returns
+    -------
+    str
+        16 hex digits.
+    """
+    from PIL import __version__ as pillow_version
+
+    digest = hashlib.sha256()
+    for part in _READER_FUNCTIONS:
+        try:
+            text = inspect.getsource(part)
+        except (OSError, TypeError):  # no source file (frozen build): fall back on bytecode
+            text = repr(part.__code__.co_code) if hasattr(part, "__code__") else part.__name__
+        digest.update(f"{part.__qualname__}\0{text}\0".encode())
+    digest.update(json.dumps(_READER_CONSTANTS, sort_keys=True).encode())
+    digest.update(f"pillow {pillow_version}".encode())
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- splits
@@ -501,6 +577,71 @@ def duplicate_summary(data: FERData, dups: pd.DataFrame | None = None) -> pd.Dat
     return pd.DataFrame(rows, columns=["kind", "groups", "images"]).set_index("kind")
 
 
+def seen_elsewhere(data: FERData, split: str = "test") -> np.ndarray:
+    """Which images of ``split`` also occur, pixel for pixel, in another split.
+
+    Parameters
+    ----------
+    data : FERData
+    split : {"train", "val", "test"}
+
+    Returns
+    -------
+    ndarray of bool
+        One value per image of ``split``, in the order of ``data.subset(split)``; True where an
+        identical image is in any other split (for ``test``: Training or PublicTest). Scoring
+        only the False ones measures a model on images it cannot have memorised.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    hashes = content_hashes(data.images)
+    mask = data.split == split
+    elsewhere = set(hashes[~mask])
+    return np.array([value in elsewhere for value in hashes[mask]], dtype=bool)
+
+
+OVERLAP_COLUMNS = ["images", "share of the split (%)"]
+
+
+def cross_split_overlap(data: FERData) -> pd.DataFrame:
+    """How many evaluation images also occur, pixel for pixel, in another split.
+
+    Rows (index ``what``): PrivateTest (test) images also in Training (train); PublicTest
+    (val) images also in Training; PrivateTest images also in PublicTest; PrivateTest images
+    also in Training or PublicTest; duplicate groups with conflicting labels. Every image is
+    counted, so two copies in PrivateTest of one Training image count twice.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``images`` and ``share of the split (%)`` (of the first split named in the
+        row). The last row counts groups of identical images, anywhere in the data, whose
+        copies carry different labels; it has no share.
+    """
+    hashes = content_hashes(data.images)
+    in_split = {split: set(hashes[data.split == split]) for split in SPLITS}
+
+    def also_in(split: str, others: tuple[str, ...]) -> tuple[int, float]:
+        own = hashes[data.split == split]
+        seen = set().union(*(in_split[other] for other in others))
+        count = int(sum(value in seen for value in own))
+        return count, (round(100 * count / len(own), 1) if len(own) else float("nan"))
+
+    rows = {
+        "PrivateTest images also in Training": also_in("test", ("train",)),
+        "PublicTest images also in Training": also_in("val", ("train",)),
+        "PrivateTest images also in PublicTest": also_in("test", ("val",)),
+        "PrivateTest images also in Training or PublicTest": also_in("test", ("train", "val")),
+    }
+    labels = pd.DataFrame({"hash": hashes, "label": data.labels})
+    conflicting = int((labels.groupby("hash")["label"].nunique() > 1).sum())
+    rows["duplicate groups with conflicting labels (groups, not images)"] = (
+        conflicting, float("nan"))
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=OVERLAP_COLUMNS)
+    table.index.name = "what"
+    return table
+
+
 def near_blank(data: FERData, std_threshold: float = 3.0) -> pd.DataFrame:
     """Images whose pixel standard deviation is below ``std_threshold`` (blank or flat)."""
     stds = data.images.reshape(len(data), -1).std(axis=1)
@@ -560,35 +701,40 @@ def sharpness_by_split(data: FERData) -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
-def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of uint8 (N, H, W) images with reflected borders, as the models do it."""
-    if sigma <= 0:
-        return images
-    from scipy.ndimage import gaussian_filter
+def sharpness_warning(data: FERData, ratio: float = 1.5) -> str | None:
+    """A plain-words warning when one split is much blurrier than another, else None.
 
-    blurred = gaussian_filter(np.asarray(images, np.float32), sigma=(0, sigma, sigma),
-                              mode="mirror", truncate=3.0)  # = numpy "reflect"
-    return np.clip(np.rint(blurred), 0, 255).astype(np.uint8)
+    Compares the median :func:`sharpness` of every split with images; fires when the sharpest
+    split's median is more than ``ratio`` times the blurriest one's (a blurred copy of part of
+    the data, or images upscaled from a lower resolution).
 
+    Parameters
+    ----------
+    data : FERData
+    ratio : float
+        Largest tolerated ratio of split medians.
 
-def matching_blur_sigma(blurry: np.ndarray, sharp: np.ndarray, sample: int = 600,
-                        seed: int = 0) -> float:
-    """Gaussian sigma (px) that gives ``sharp`` images the median sharpness of ``blurry`` ones.
-
-    Returns 0.0 when the two sets are about as sharp (ratio of medians below 1.5), so data
-    without a resolution gap is left alone.
+    Returns
+    -------
+    str or None
+        E.g. "Warning: the train images are much blurrier than the test images (median
+        sharpness 1.9 vs 28.6, 15x apart). ..."; None when all splits are alike.
     """
-    rng = np.random.default_rng(seed)
-    blurry = blurry[rng.permutation(len(blurry))[:sample]]
-    sharp = sharp[rng.permutation(len(sharp))[:sample]]
-    target = float(np.median(sharpness(blurry)))
-    if len(sharp) == 0 or np.median(sharpness(sharp)) < 1.5 * target:
-        return 0.0
-    low, high = 0.0, 8.0
-    for _ in range(20):  # bisection: sharpness falls monotonically with sigma
-        middle = (low + high) / 2
-        if np.median(sharpness(gaussian_blur(sharp, middle))) > target:
-            low = middle
-        else:
-            high = middle
-    return round((low + high) / 2, 2)
+    values = sharpness(data.images)
+    medians = {split: float(np.median(values[data.split == split]))
+               for split in SPLITS if (data.split == split).any()}
+    if len(medians) < 2:
+        return None
+    blurriest = min(medians, key=medians.get)
+    sharpest = max(medians, key=medians.get)
+    low, high = medians[blurriest], medians[sharpest]
+    if high <= ratio * low:
+        return None
+    if low > 0:
+        factor = high / low
+        apart = f", {factor:.0f}x apart" if factor >= 10 else f", {factor:.1f}x apart"
+    else:
+        apart = ", the former flat"
+    return (f"Warning: the {blurriest} images are much blurrier than the {sharpest} images "
+            f"(median sharpness {low:.1f} vs {high:.1f}{apart}). Models trained on one and "
+            f"tested on the other meet a resolution shift; check the data source.")

@@ -1,8 +1,8 @@
 """Tests for ferlib.data: readers (CSV, folders, zip), errors, skip mode, cache, splits, checks.
 
-Every fixture is generated into ``tmp_path`` with numpy and PIL; only the last test reads the
-real dataset, and only when ``FER2013_PATH`` is set. PNG is used wherever pixels are compared
-exactly (JPEG is lossy).
+Every fixture is generated into ``tmp_path`` with numpy and PIL; only the tests marked as such
+read the real dataset, and only when ``FER2013_PATH`` is set. PNG (or BMP, where the byte size
+must stay fixed) is used wherever pixels are compared exactly (JPEG is lossy).
 """
 
 import gzip
@@ -14,15 +14,19 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 
 import ferlib.data
 from ferlib import EMOTIONS
 from ferlib.data import (DatasetNotFoundError, FERData, FERDataError, class_counts,
-                         class_weights, duplicate_summary, duplicates, load_dataset,
-                         load_fer2013, near_blank, official_splits, pixel_statistics,
-                         stratified_folds, subsample)
+                         class_weights, cross_split_overlap, duplicate_summary, duplicates,
+                         load_dataset, load_fer2013, near_blank, official_splits,
+                         pixel_statistics, reader_version, seen_elsewhere, sharpness,
+                         sharpness_by_split, sharpness_warning, stratified_folds, subsample)
 
 SIZE = 48
+needs_real_data = pytest.mark.skipif(not os.environ.get("FER2013_PATH"),
+                                     reason="FER2013_PATH is not set")
 
 
 def random_image(seed: int) -> np.ndarray:
@@ -261,6 +265,55 @@ def test_zip_without_split_prefixes(tmp_path):
     assert (data.split == "val").sum() == 3  # 1 of 10 per class
     assert (data.split == "train").sum() == 27
     assert (data.split == "test").sum() == 6
+
+
+SPLIT_FOLDER_COUNTS = {"train": 6, "val": 2, "test": 3}  # images per class
+
+
+def make_split_folder(root: Path, names=("train", "val", "test"),
+                      classes=("angry", "happy", "neutral")) -> None:
+    """train/, val/ and test/ (named ``names``) without split prefixes in the file names."""
+    seed = 0
+    for name, (split, count) in zip(names, SPLIT_FOLDER_COUNTS.items()):
+        for class_folder in classes:
+            for number in range(count):
+                seed += 1
+                save_image(root / name / class_folder / f"face{seed}-{split}.png",
+                           random_image(2000 + seed))
+
+
+@pytest.mark.parametrize("names", [("train", "val", "test"),
+                                   ("Training", "Validation", "Testing"),
+                                   ("TRAIN", "valid", "Test")], ids=["short", "long", "case"])
+@pytest.mark.parametrize("as_zip", [False, True], ids=["folder", "zip"])
+def test_val_folder_is_the_validation_split(tmp_path, names, as_zip):
+    root = tmp_path / "images"
+    make_split_folder(root, names)
+    source = zip_folder(root, tmp_path / "fer.zip", "fer2013") if as_zip else root
+    # A val/ folder exists, so no slice of train becomes validation, whatever val_fraction says.
+    data = load_fer2013(source, val_fraction=0.2, seed=1, cache=False)
+    check_arrays(data)
+    counts = class_counts(data)
+    for emotion in ("angry", "happy", "neutral"):
+        assert counts.loc[emotion, ["train", "val", "test"]].tolist() == [6, 2, 3], emotion
+    prefix = "fer2013/" if as_zip else ""
+    for split, name in zip(("train", "val", "test"), names):
+        ids = data.source_ids[data.split == split]
+        assert all(sid.startswith(f"{prefix}{name}/") for sid in ids), split
+        assert all(sid.endswith(f"-{split}.png") for sid in ids), split
+    assert not set(data.source_ids[data.split == "test"]) & set(
+        data.source_ids[data.split == "val"])
+
+
+def test_file_prefix_wins_over_split_folder(tmp_path):
+    root = tmp_path / "images"
+    make_split_folder(root)
+    save_image(root / "val/sad/PrivateTest_1.png", random_image(1))
+    save_image(root / "test/sad/Training_2.png", random_image(2))
+    found = by_id(load_fer2013(root, cache=False))
+    assert found["val/sad/PrivateTest_1.png"][1] == "test"
+    assert found["test/sad/Training_2.png"][1] == "train"
+    assert found["val/angry/face19-val.png"][1] == "val"
 
 
 def test_class_folder_aliases_and_case(tmp_path):
@@ -523,6 +576,73 @@ def test_changed_source_or_options_make_new_cache_entries(tmp_path):
     assert len(list(cache_dir.glob("*.npz"))) == 4
 
 
+def rewrite_keeping_size_and_mtime(path: Path, image: np.ndarray) -> None:
+    """Overwrite ``path`` with ``image`` as ``cp -p`` of a same-size file would."""
+    before = path.stat()
+    save_image(path, image)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_folder_cache_sees_content_not_just_size_and_mtime(tmp_path):
+    root = tmp_path / "images"
+    relative = "train/happy/Training_1.bmp"  # BMP: the byte size depends only on the shape
+    save_image(root / relative, random_image(1))
+    save_image(root / "test/sad/PublicTest_2.bmp", random_image(2))
+    cache_dir = tmp_path / "cache"
+    first = load_fer2013(root, cache_dir=cache_dir)
+    np.testing.assert_array_equal(by_id(first)[relative][2], random_image(1))
+
+    rewrite_keeping_size_and_mtime(root / relative, random_image(3))
+    second = load_fer2013(root, cache_dir=cache_dir)
+    np.testing.assert_array_equal(by_id(second)[relative][2], random_image(3))
+    assert second.source_hash != first.source_hash
+    assert len(list(cache_dir.glob("*.npz"))) == 2
+
+
+def test_folder_hash_covers_names_and_bytes(tmp_path):
+    root = tmp_path / "images"
+    save_image(root / "train/happy/a.png", random_image(1))
+    digest = ferlib.data.source_hash(root)
+    assert digest == ferlib.data.source_hash(root)  # stable
+    (root / "train/happy/a.png").rename(root / "train/happy/b.png")
+    renamed = ferlib.data.source_hash(root)
+    assert renamed != digest
+    (root / "notes.txt").write_text("x")
+    assert ferlib.data.source_hash(root) != renamed
+
+
+def test_reader_version_is_part_of_the_cache_key(tmp_path, monkeypatch, challenge_csv):
+    path, images = challenge_csv
+    cache_dir = tmp_path / "cache"
+    version = reader_version()
+    assert len(version) == 16 and version == reader_version()
+    load_fer2013(path, cache_dir=cache_dir)
+    assert len(list(cache_dir.glob("*.npz"))) == 1
+    monkeypatch.setattr(ferlib.data, "reader_version", lambda: "a-newer-reader")
+    data = load_fer2013(path, cache_dir=cache_dir)
+    assert len(list(cache_dir.glob("*.npz"))) == 2
+    np.testing.assert_array_equal(data.images, np.stack(images))
+
+
+def test_reader_version_follows_reader_code_and_constants(monkeypatch):
+    version = reader_version()
+    try:
+        ferlib.data.reader_version.cache_clear()
+        monkeypatch.setitem(ferlib.data._READER_CONSTANTS, "FOLDER_TO_SPLIT", {"train": "train"})
+        assert reader_version() != version
+        ferlib.data.reader_version.cache_clear()
+        monkeypatch.undo()
+        changed = ferlib.data._READER_FUNCTIONS[:-1] + (ferlib.data.subsample,)
+        monkeypatch.setattr(ferlib.data, "_READER_FUNCTIONS", changed)
+        assert reader_version() != version
+    finally:
+        monkeypatch.undo()
+        ferlib.data.reader_version.cache_clear()
+    assert reader_version() == version
+
+
 def test_cache_false_writes_nothing(tmp_path, monkeypatch, challenge_csv):
     path, _ = challenge_csv
     monkeypatch.setenv("FERLIB_CACHE", str(tmp_path / "default-cache"))
@@ -713,6 +833,59 @@ def test_duplicate_summary_without_duplicates():
     assert len(summary) == 5
 
 
+def test_seen_elsewhere():
+    data = data_with_duplicates()  # test images 7, 8, 9; 8 is a copy of train image 1
+    assert seen_elsewhere(data).tolist() == [False, True, False]
+    assert seen_elsewhere(data, "test").dtype == bool
+    assert seen_elsewhere(data, "train").tolist() == [False, True, False, False]  # 0, 1, 5, 6
+    assert seen_elsewhere(data, "val").tolist() == [False, False, False]  # copies only in val
+    assert len(seen_elsewhere(data, "test")) == len(data.subset("test")[1])
+    with pytest.raises(ValueError, match="train, val, test"):
+        seen_elsewhere(data, "PrivateTest")
+
+
+def overlap_data() -> FERData:
+    """train A B C D; val A E F; test B B A G E (labels chosen for two conflicting groups)."""
+    a, b, c, d, e, f, g = (random_image(900 + i) for i in range(7))
+    images = [a, b, c, d, a, e, f, b, b, a, g, e]
+    labels = [0, 0, 0, 0, 1, 2, 2, 0, 0, 0, 3, 5]
+    splits = ["train"] * 4 + ["val"] * 3 + ["test"] * 5
+    return make_data(labels, splits, np.stack(images))
+
+
+def test_seen_elsewhere_counts_every_copy():
+    # test B, B (in train), A (in train and val), G (nowhere), E (in val)
+    assert seen_elsewhere(overlap_data()).tolist() == [True, True, True, False, True]
+
+
+def test_cross_split_overlap_hand_computed():
+    table = cross_split_overlap(overlap_data())
+    assert table.index.name == "what"
+    assert list(table.columns) == ["images", "share of the split (%)"]
+    expected = {  # (images, share %)
+        "PrivateTest images also in Training": (3, 60.0),              # B, B, A of 5
+        "PublicTest images also in Training": (1, 33.3),               # A of 3
+        "PrivateTest images also in PublicTest": (2, 40.0),            # A, E of 5
+        "PrivateTest images also in Training or PublicTest": (4, 80.0),
+    }
+    for what, (images, share) in expected.items():
+        assert table.loc[what, "images"] == images, what
+        assert table.loc[what, "share of the split (%)"] == pytest.approx(share), what
+    # A is labelled 0, 1, 0 and E 2, 5: two groups; B (0, 0, 0) agrees.
+    conflicting = table.iloc[-1]
+    assert "conflicting labels" in table.index[-1]
+    assert conflicting["images"] == 2 and np.isnan(conflicting["share of the split (%)"])
+    assert len(table) == 5
+
+
+def test_cross_split_overlap_without_overlap_or_val():
+    data = make_data([0, 1, 2], ["train", "test", "test"])
+    table = cross_split_overlap(data)
+    assert table["images"].tolist() == [0, 0, 0, 0, 0]
+    assert table.loc["PrivateTest images also in Training", "share of the split (%)"] == 0
+    assert np.isnan(table.loc["PublicTest images also in Training", "share of the split (%)"])
+
+
 def test_near_blank():
     images = np.stack([random_image(700 + i) for i in range(5)])
     images[1] = 128                                     # uniform
@@ -767,9 +940,14 @@ REAL_CLASS_COUNTS = {  # angry, disgust, fear, happy, sad, surprise, neutral (da
 }
 
 
-@pytest.mark.skipif(not os.environ.get("FER2013_PATH"), reason="FER2013_PATH is not set")
-def test_real_fer2013(tmp_path):
-    data = load_fer2013(os.environ["FER2013_PATH"], cache_dir=tmp_path)
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    return load_fer2013(os.environ["FER2013_PATH"], cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@needs_real_data
+def test_real_fer2013(real_data):
+    data = real_data
     check_arrays(data)
     assert data.skipped == []
     per_split = data.summary()["per_split"]
@@ -780,7 +958,30 @@ def test_real_fer2013(tmp_path):
     assert isinstance(table, pd.DataFrame)
 
 
+@needs_real_data
+def test_real_cross_split_overlap(real_data):
+    table = cross_split_overlap(real_data)
+    values = table["images"].tolist()
+    shares = table["share of the split (%)"].tolist()
+    # PrivateTest in Training, PublicTest in Training, PrivateTest in PublicTest, either, groups
+    assert values == [288, 280, 44, 314, 57]
+    assert shares[:4] == [8.0, 7.8, 1.2, 8.7]
+    assert seen_elsewhere(real_data, "test").sum() == 314
+
+
+@needs_real_data
+def test_real_fer2013_splits_are_equally_sharp(real_data):
+    assert sharpness_warning(real_data) is None
+
+
 # ----------------------------------------------------------------------------- sharpness
+
+def blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of uint8 (N, H, W) images, back to uint8: a synthetic low-resolution copy."""
+    blurred = gaussian_filter(np.asarray(images, np.float32), sigma=(0, sigma, sigma),
+                              mode="mirror")
+    return np.clip(np.rint(blurred), 0, 255).astype(np.uint8)
+
 
 def _faces(count, seed=0):
     """Random images with sharp structure (blocks), so blurring them is measurable."""
@@ -789,24 +990,48 @@ def _faces(count, seed=0):
     return np.kron(blocks, np.ones((4, 4), np.uint8))
 
 
+def noise(count, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, SIZE, SIZE), dtype=np.uint8)
+
+
 def test_sharpness_falls_with_blur():
     images = _faces(20)
-    values = [float(np.median(ferlib.data.sharpness(ferlib.data.gaussian_blur(images, sigma))))
+    values = [float(np.median(sharpness(blur(images, sigma) if sigma else images)))
               for sigma in (0, 1, 2, 3)]
     assert values == sorted(values, reverse=True) and values[0] > 3 * values[-1]
-    assert ferlib.data.sharpness(np.full((2, 48, 48), 128, np.uint8)).tolist() == [0.0, 0.0]
-
-
-def test_matching_blur_sigma_recovers_the_blur_and_ignores_equal_sets():
-    sharp, other = _faces(200, seed=1), _faces(200, seed=2)
-    blurred = ferlib.data.gaussian_blur(other, 2.0)
-    assert ferlib.data.matching_blur_sigma(blurred, sharp) == pytest.approx(2.0, abs=0.4)
-    assert ferlib.data.matching_blur_sigma(other, sharp) == 0.0
+    assert sharpness(np.full((2, 48, 48), 128, np.uint8)).tolist() == [0.0, 0.0]
 
 
 def test_sharpness_by_split_shows_the_gap():
-    images = np.concatenate([ferlib.data.gaussian_blur(_faces(10), 3.0), _faces(10, seed=3)])
+    images = np.concatenate([blur(_faces(10), 3.0), _faces(10, seed=3)])
     data = make_data([0] * 20, ["train"] * 10 + ["test"] * 10, images=images)
-    table = ferlib.data.sharpness_by_split(data)
+    table = sharpness_by_split(data)
     assert list(table.index) == ["train", "test"]
     assert table.loc["train", "median"] * 3 < table.loc["test", "median"]
+
+
+def test_sharpness_warning_names_the_blurred_split():
+    images = np.concatenate([blur(noise(30, seed=1), 2.0), noise(10, seed=2), noise(10, seed=3)])
+    data = make_data([0] * 50, ["train"] * 30 + ["val"] * 10 + ["test"] * 10, images=images)
+    message = sharpness_warning(data)
+    assert message is not None and message.startswith("Warning:")
+    values = sharpness(images)
+    low = np.median(values[:30])
+    high = max(np.median(values[30:40]), np.median(values[40:]))
+    sharpest = "val" if np.median(values[30:40]) > np.median(values[40:]) else "test"
+    assert f"the train images are much blurrier than the {sharpest} images" in message
+    assert f"median sharpness {low:.1f} vs {high:.1f}" in message
+    assert f"{high / low:.0f}x apart" in message or f"{high / low:.1f}x apart" in message
+    assert "resolution shift" in message
+    assert sharpness_warning(data, ratio=1000) is None
+
+
+def test_sharpness_warning_is_silent_on_alike_splits():
+    data = make_data([0] * 30, ["train"] * 10 + ["val"] * 10 + ["test"] * 10,
+                     images=noise(30, seed=4))
+    assert sharpness_warning(data) is None
+    blurred = make_data([0] * 20, ["train"] * 10 + ["test"] * 10,
+                        images=blur(noise(20, seed=5), 2.0))
+    assert sharpness_warning(blurred) is None  # both blurred: alike
+    single = make_data([0] * 5, ["train"] * 5, images=blur(noise(5), 2.0))
+    assert sharpness_warning(single) is None
