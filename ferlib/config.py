@@ -36,6 +36,7 @@ TRAIN_SCHEMA = {
     "label_smoothing": (NUMBER, 0.0),
     "early_stopping_patience": ((int, type(None)), 8),
     "class_weights": (bool, False),
+    # Optional safety stop (wall-clock minutes); off in the shipped profiles, which fix epochs.
     "budget_minutes": ((*NUMBER, type(None)), None),
     "precision": (("float32", "mixed_bfloat16", "mixed_float16"), "float32"),
     "jit_compile": (bool, False),
@@ -82,8 +83,6 @@ SCHEMA = {
         "val_fraction": (NUMBER, 0.1),
         "limit_per_split": ((dict, type(None)), None),
         "on_error": (("raise", "skip"), "raise"),
-        # Blur inference inputs to the training images' sharpness (derived from train vs val).
-        "match_sharpness": (bool, True),
     },
     "train": TRAIN_SCHEMA,
     "augment": AUGMENT_SCHEMA,
@@ -265,5 +264,5 @@ def model_settings(params: dict, model_name: str) -> dict:
             "augment": copy.deepcopy(params["augment"]),
             "model_params": copy.deepcopy(params["model_params"][model_name]),
             "data": {k: params["data"][k] for k in ("val_fraction", "limit_per_split",
-                                                   "on_error", "match_sharpness")},
+                                                   "on_error")},
             "cv_folds": params["cv_folds"]}

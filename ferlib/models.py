@@ -8,10 +8,11 @@ saved ``.keras`` file is all that is needed to classify raw FER crops.
 
 from __future__ import annotations
 
-import math
+import zlib
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
 from ferlib import MODEL_NAMES, NUM_CLASSES
@@ -43,70 +44,54 @@ class GrayToRGB(layers.Layer):
         return (*input_shape[:-1], 3)
 
 
-@keras.saving.register_keras_serializable(package="ferlib")
-class InferenceBlur(layers.Layer):
-    """Gaussian low-pass applied at inference only (identity in training).
+def derived_seed(seed: int | None, *stream) -> int | None:
+    """An independent 31-bit seed for one random stream (a layer, an epoch) of a base seed.
 
-    Our FER2013 copy's training images are much blurrier than PublicTest / PrivateTest (see the
-    EDA). Blurring inference inputs by ``sigma`` px, a value derived from the data, brings sharp
-    faces to the resolution the model was trained on; training images pass unchanged.
+    Layers given the same seed draw identical numbers: flips would always come with the same
+    rotation. ``SeedSequence`` mixes the stream's identity into the seed instead.
     """
-
-    def __init__(self, sigma: float = 0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.sigma = float(sigma)
-        radius = max(1, int(math.ceil(3 * self.sigma)))
-        taps = [math.exp(-0.5 * (i / self.sigma) ** 2) if self.sigma > 0 else float(i == 0)
-                for i in range(-radius, radius + 1)]
-        self.radius, self.taps = radius, [t / sum(taps) for t in taps]
-
-    def call(self, inputs, training=None):
-        if training or self.sigma <= 0:
-            return inputs
-        ops = keras.ops
-        kernel = ops.convert_to_tensor(self.taps, dtype=inputs.dtype)
-        r = self.radius
-        x = ops.pad(inputs, [[0, 0], [r, r], [r, r], [0, 0]], mode="reflect")
-        x = ops.depthwise_conv(x, ops.reshape(kernel, (-1, 1, 1, 1)), padding="valid")
-        return ops.depthwise_conv(x, ops.reshape(kernel, (1, -1, 1, 1)), padding="valid")
-
-    def get_config(self):
-        return {**super().get_config(), "sigma": self.sigma}
+    if seed is None:
+        return None
+    words = [seed, *(zlib.crc32(part.encode()) if isinstance(part, str) else int(part)
+                     for part in stream)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
 
 
 def augmentation_layers(augment: dict | None, seed: int | None = None) -> list[layers.Layer]:
     """Keras core augmentation layers (active only when ``training=True``) on [0, 1] images.
 
-    MixUp and CutMix need the labels, so they are applied to batches in ``ferlib.train``.
+    Each layer draws from its own seed derived from ``seed``. MixUp and CutMix need the
+    labels, so they are applied to batches in ``ferlib.train``.
     """
     augment = augment or {}
     stack = []
     if augment.get("flip"):
-        stack.append(layers.RandomFlip("horizontal", seed=seed))
+        stack.append(layers.RandomFlip("horizontal", seed=derived_seed(seed, "flip")))
     if augment.get("rotation"):
-        stack.append(layers.RandomRotation(augment["rotation"], fill_mode="reflect", seed=seed))
+        stack.append(layers.RandomRotation(augment["rotation"], fill_mode="reflect",
+                                           seed=derived_seed(seed, "rotation")))
     if augment.get("translation"):
         stack.append(layers.RandomTranslation(augment["translation"], augment["translation"],
-                                              fill_mode="reflect", seed=seed))
+                                              fill_mode="reflect",
+                                              seed=derived_seed(seed, "translation")))
     if augment.get("zoom"):
-        stack.append(layers.RandomZoom(augment["zoom"], fill_mode="reflect", seed=seed))
+        stack.append(layers.RandomZoom(augment["zoom"], fill_mode="reflect",
+                                       seed=derived_seed(seed, "zoom")))
     if augment.get("rand_augment"):
-        stack.append(layers.RandAugment(value_range=(0, 1), seed=seed))
+        stack.append(layers.RandAugment(value_range=(0, 1),
+                                        seed=derived_seed(seed, "rand_augment")))
     if augment.get("erasing"):
         stack.append(layers.RandomErasing(factor=augment["erasing"], value_range=(0, 1),
-                                          seed=seed))
+                                          seed=derived_seed(seed, "erasing")))
     return stack
 
 
-def stem(inputs, input_size: int, augment: dict | None, scale_to: str, seed=None,
-         inference_blur_sigma: float = 0.0):
-    """uint8 gray -> (inference blur), augmented, resized, 3-channel float in the backbone's range.
+def stem(inputs, input_size: int, augment: dict | None, scale_to: str, seed=None):
+    """uint8 gray -> augmented, resized, 3-channel float in the backbone's range.
 
     ``scale_to`` is ``"unit"`` for [0, 1] or ``"symmetric"`` for [-1, 1].
     """
     x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    if inference_blur_sigma:
-        x = InferenceBlur(inference_blur_sigma, name="inference_blur")(x)
     for layer in augmentation_layers(augment, seed):
         x = layer(x)
     if input_size != IMAGE_SIZE:
@@ -133,8 +118,7 @@ def _check_local_weights(weights: str | None) -> None:
 
 
 def build_alexnet(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, width=1.0,
-                  dense_units=1024, dropout_rate=0.5, weights=None, augment=None, seed=None,
-                  inference_blur_sigma=0.0):
+                  dense_units=1024, dropout_rate=0.5, weights=None, augment=None, seed=None):
     """AlexNet-style CNN for 48x48 faces: 5 conv layers, 3 fully connected with dropout.
 
     Like the original's stride-4 first layer, it downsamples early (stride-2 conv, then
@@ -143,7 +127,7 @@ def build_alexnet(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, width=1.0,
     _check_local_weights(weights)
     filters = [max(8, int(round(f * width))) for f in (64, 128, 192, 192, 128)]
     inputs = _inputs()
-    x = stem(inputs, input_size, augment, "unit", seed, inference_blur_sigma)
+    x = stem(inputs, input_size, augment, "unit", seed)
 
     def conv(x, n, kernel, strides=1, name=""):
         x = layers.Conv2D(n, kernel, strides=strides, padding="same", use_bias=False,
@@ -174,8 +158,7 @@ def build_alexnet(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, width=1.0,
 
 
 def build_resnet50v2(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, dropout_rate=0.3,
-                     bn_momentum=0.9, weights=None, augment=None, seed=None,
-                     inference_blur_sigma=0.0):
+                     bn_momentum=0.9, weights=None, augment=None, seed=None):
     """``keras.applications.ResNet50V2`` backbone with a new head (GAP, dropout, Dense logits).
 
     ``weights``: None (from scratch), ``"imagenet"`` (downloaded by Keras, or read from
@@ -185,7 +168,7 @@ def build_resnet50v2(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, dropout_
     """
     _check_local_weights(weights)
     inputs = _inputs()
-    x = stem(inputs, input_size, augment, "symmetric", seed, inference_blur_sigma)
+    x = stem(inputs, input_size, augment, "symmetric", seed)
     try:
         backbone = keras.applications.ResNet50V2(
             include_top=False, weights=weights, input_shape=(input_size, input_size, 3))
@@ -207,8 +190,7 @@ def build_resnet50v2(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, dropout_
 
 def build_vit(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, patch_size=6, num_layers=6,
               num_heads=4, hidden_dim=192, mlp_dim=384, dropout_rate=0.1,
-              attention_dropout=0.0, weights=None, augment=None, seed=None,
-              inference_blur_sigma=0.0):
+              attention_dropout=0.0, weights=None, augment=None, seed=None):
     """``keras_hub.models.ViTBackbone`` with a class-token head.
 
     ``weights="imagenet"`` loads the keras-hub preset ``vit_base_patch16_224_imagenet`` (which
@@ -222,7 +204,7 @@ def build_vit(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, patch_size=6, n
         raise ValueError(f"model_params.vit.patch_size: {patch_size} does not divide "
                          f"input_size {input_size}")
     inputs = _inputs()
-    x = stem(inputs, input_size, augment, "symmetric", seed, inference_blur_sigma)
+    x = stem(inputs, input_size, augment, "symmetric", seed)
     if weights == "imagenet":
         try:
             backbone = keras_hub.models.ViTBackbone.from_preset(VIT_IMAGENET_PRESET)
@@ -257,7 +239,7 @@ def build_model(name: str, *, num_classes: int = NUM_CLASSES, **hyperparameters)
     num_classes : int
     **hyperparameters
         The model's parameters from ``params.model_params.<name>`` plus ``augment`` (the
-        augmentation settings), ``seed`` and ``inference_blur_sigma`` (see InferenceBlur).
+        augmentation settings) and ``seed``.
 
     Returns
     -------

@@ -1,4 +1,4 @@
-"""Tests for ferlib.models: the registry, the shared stem (augmentation, inference blur), saving
+"""Tests for ferlib.models: the registry, the shared stem (augmentation), saving
 and reloading, local weights files and the errors people see without a network.
 
 Every model is built tiny (a few thousand to a few hundred thousand parameters, except
@@ -13,7 +13,6 @@ import pytest
 
 import ferlib.models
 from ferlib import MODEL_NAMES, NUM_CLASSES
-from ferlib.data import gaussian_blur
 from ferlib.models import REGISTRY, build_model, count_flops
 
 # Keras' TensorFlow backend calls np.array(tensor, copy=False) internally (NumPy 2 warns).
@@ -132,37 +131,15 @@ def test_no_augmentation_layers_without_augment_settings():
     assert not [layer for layer in model.layers if layer.name.startswith("random_")]
 
 
-# ----------------------------------------------------------------------------- inference blur
+# ----------------------------------------------------------------------------- seeds
 
-def test_no_inference_blur_layer_when_sigma_is_zero(built):
-    _, model = built  # built with the default inference_blur_sigma=0
-    assert "inference_blur" not in [layer.name for layer in model.layers]
-    explicit = build_model("alexnet", inference_blur_sigma=0.0, **TINY["alexnet"])
-    assert "inference_blur" not in [layer.name for layer in explicit.layers]
-
-
-@pytest.mark.parametrize("name", MODEL_NAMES)
-def test_inference_blur_matches_data_blur_and_is_off_in_training(name):
-    model = build_tiny(name, inference_blur_sigma=2.0)
-    blur = keras.Model(model.input, model.get_layer("inference_blur").output)
-    images = uint8_batch(seed=3)  # uniform noise: the hardest case for a blur to match
-    inferred = to_numpy(blur(images, training=False))[..., 0] * 255
-    expected = gaussian_blur(images, 2.0).astype(np.float32)
-    assert np.abs(inferred - expected).max() <= 0.6  # gaussian_blur rounds to uint8
-    trained = to_numpy(blur(images, training=True))[..., 0] * 255
-    np.testing.assert_allclose(trained, images.astype(np.float32), atol=1e-3)
-    logits = to_numpy(model(images, training=False))
-    assert logits.shape == (BATCH, NUM_CLASSES) and np.isfinite(logits).all()
-
-
-def test_inference_blur_survives_save_and_reload(tmp_path):
-    model = build_tiny("alexnet", inference_blur_sigma=1.5)
-    model.save(tmp_path / "blur.keras")
-    loaded = keras.models.load_model(tmp_path / "blur.keras")
-    assert loaded.get_layer("inference_blur").sigma == 1.5
-    images = uint8_batch(seed=4)
-    np.testing.assert_allclose(to_numpy(loaded(images, training=False)),
-                               to_numpy(model(images, training=False)), atol=1e-5)
+def test_derived_seeds_are_distinct_reproducible_and_none_stays_none():
+    seeds = {ferlib.models.derived_seed(42, stream) for stream in
+             ("flip", "rotation", "translation", "zoom", "mixup", "cutmix")}
+    assert len(seeds) == 6 and all(0 <= seed < 2 ** 31 for seed in seeds)
+    assert ferlib.models.derived_seed(42, "flip") == ferlib.models.derived_seed(42, "flip")
+    assert ferlib.models.derived_seed(42, "epoch", 1) != ferlib.models.derived_seed(42, "epoch", 2)
+    assert ferlib.models.derived_seed(None, "flip") is None
 
 
 # ----------------------------------------------------------------------------- local weights files

@@ -1,6 +1,8 @@
 """Tests for ferlib.train: a short training writes every artifact and lowers the loss, reruns
-skip, runs killed with ``kill -9`` resume, changed settings restart, budget / early stopping /
-schedule, the inference blur that matches sharpness, cross-validation and MixUp / CutMix.
+skip, runs killed with ``kill -9`` resume, an interrupted deterministic run resumes exactly,
+every epoch has its own order and every random layer its own stream, changed settings or code
+restart, budget / early stopping / schedule, the PrivateTest ledger, cross-validation and
+MixUp / CutMix.
 
 The data are synthetic FER-format arrays with a signal a tiny AlexNet learns in an epoch: each
 class is a bright horizontal band at its own height (left-right flips keep it) over noise.
@@ -24,9 +26,11 @@ import pytest
 import ferlib.train
 from ferlib import NUM_CLASSES
 from ferlib.config import PROJECT_ROOT, model_settings, validate
-from ferlib.data import FERData, gaussian_blur
+from ferlib.data import FERData
+from ferlib.models import augmentation_layers, build_model
 from ferlib.runs import read_json
-from ferlib.train import inference_blur_for, learning_rate_at, predict_proba, train, train_cv
+from ferlib.train import (epoch_order, learning_rate_at, predict_proba, reseed_generators,
+                          count_test_scorings, train, train_cv)
 
 # Keras' TensorFlow backend calls np.array(tensor, copy=False) internally (NumPy 2 warns).
 pytestmark = pytest.mark.filterwarnings(
@@ -38,9 +42,9 @@ BASE_TRAIN = {"epochs": 2, "batch_size": 32, "learning_rate": 3e-3, "warmup_epoc
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
 
 
-def synthetic_data(per_split=(40, 10, 10), seed=0, blur_train=0.0, blank=False) -> FERData:
-    """``per_split`` images per class for train, val, test; optionally blurred train images
-    (as in our FER2013 copy) or all-black images (a model that cannot tell classes apart)."""
+def synthetic_data(per_split=(40, 10, 10), seed=0, blank=False) -> FERData:
+    """``per_split`` images per class for train, val, test; optionally all-black images (a
+    model that cannot tell classes apart)."""
     rng = np.random.default_rng(seed)
     images, labels, split = [], [], []
     for name, count in zip(("train", "val", "test"), per_split):
@@ -49,20 +53,18 @@ def synthetic_data(per_split=(40, 10, 10), seed=0, blur_train=0.0, blank=False) 
             row = 3 + 6 * label
             batch[:, row:row + 5, 4:44] += 140
             batch = np.clip(np.rint(batch), 0, 255).astype(np.uint8)
-            if name == "train" and blur_train:
-                batch = gaussian_blur(batch, blur_train)
             images.append(np.zeros_like(batch) if blank else batch)
             labels += [label] * count
             split += [name] * count
     return FERData(images=np.concatenate(images), labels=np.array(labels, dtype=np.int64),
                    split=np.array(split), source_ids=np.array([f"row{i}" for i in
                                                                range(len(labels))]),
-                   source="synthetic", source_hash=f"synthetic-{seed}-{blur_train}-{blank}")
+                   source="synthetic", source_hash=f"synthetic-{seed}-{blank}")
 
 
 def make_params(train_settings=None, augment=None, data=None, **top) -> dict:
     return validate({"seed": 0, "models": ["alexnet"],
-                     "data": {"match_sharpness": False, **(data or {})},
+                     "data": data or {},
                      "train": {**BASE_TRAIN, **(train_settings or {})},
                      "augment": augment or {},
                      "model_params": {"alexnet": TINY_ALEXNET}, **top})
@@ -130,15 +132,14 @@ def test_training_writes_every_artifact(trained, data):
         assert 0 <= metrics[part]["accuracy"] <= 1
     assert metrics["test"]["accuracy"] == pytest.approx(
         float((predictions["test_proba"].argmax(1) == y_test).mean()))
-    assert metrics["inference_blur_sigma"] == 0.0 and "test_no_blur" not in metrics
+    assert metrics["privatetest_scorings"] == 1
     assert result["best_epoch"] == metrics["best_epoch"]
     assert result["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
 
     settings = read_json(out / "settings.json")
     assert settings == json.loads(json.dumps(settings))  # plain JSON
     assert settings["model"] == "alexnet" and settings["train"]["learning_rate"] == 3e-3
-    assert settings["model_params"] == {**trained["params"]["model_params"]["alexnet"],
-                                        "inference_blur_sigma": 0.0}
+    assert settings["model_params"] == trained["params"]["model_params"]["alexnet"]
 
     best = keras.models.load_model(out / "best.keras")
     np.testing.assert_allclose(predict_proba(best, x_test), predictions["test_proba"],
@@ -179,6 +180,16 @@ def test_changed_settings_move_the_old_run_aside(trained, data, tmp_path):
     assert history_of(out)["epoch"].tolist() == [1, 2]
     assert read_json(out / "metrics.json") == result
     assert result["stopped_reason"] == "completed"
+    # The replaced run's look at PrivateTest still counts.
+    assert result["privatetest_scorings"] == 2 == count_test_scorings(run_dir, "alexnet")
+
+
+def test_changed_training_code_moves_the_old_run_aside(trained, data, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["run_dir"], run_dir)
+    monkeypatch.setattr(ferlib.train, "code_hash", lambda *modules: "changed-code")
+    train("alexnet", data, trained["params"], run_dir, progress=False)
+    assert len(list((run_dir / "models").glob("alexnet.stale-*"))) == 1
 
 
 # ----------------------------------------------------------------------------- resume after kill -9
@@ -356,30 +367,104 @@ def test_learning_rate_without_warmup_plateau_and_constant():
     assert learning_rate_at(37, 10, 5, constant) == pytest.approx(1e-3)
 
 
-# ----------------------------------------------------------------------------- sharpness matching
+# ----------------------------------------------------------------------------- randomness
 
-def test_match_sharpness_blurs_inference_for_blurry_training_images(tmp_path):
-    data = synthetic_data(blur_train=2.5)
-    params = make_params({"epochs": 1}, data={"match_sharpness": True})
-    result = train("alexnet", data, params, tmp_path, progress=False)
-    out = tmp_path / "models" / "alexnet"
-    sigma = read_json(out / "settings.json")["model_params"]["inference_blur_sigma"]
-    assert 0 < sigma and abs(sigma - 2.5) <= 0.7
-    metrics = read_json(out / "metrics.json")
-    assert metrics == result
-    assert metrics["inference_blur_sigma"] == sigma
-    assert 0 <= metrics["test_no_blur"]["accuracy"] <= 1
-    with np.load(out / "predictions.npz") as predictions:
-        assert predictions["test_proba_no_blur"].shape == predictions["test_proba"].shape
-    best = keras.models.load_model(out / "best.keras")
-    assert best.get_layer("inference_blur").sigma == sigma
+def test_every_epoch_has_its_own_order_and_the_seed_fixes_them():
+    first, second = epoch_order(500, seed=7, epoch=0), epoch_order(500, seed=7, epoch=1)
+    assert sorted(first) == list(range(500))
+    assert (first != second).mean() > 0.9
+    np.testing.assert_array_equal(first, epoch_order(500, seed=7, epoch=0))
+    assert (first != epoch_order(500, seed=8, epoch=0)).mean() > 0.9
 
 
-def test_no_inference_blur_for_sharp_training_images_or_when_off(data):
-    on = model_settings(make_params(data={"match_sharpness": True}), "alexnet")
-    assert inference_blur_for(data, on) == 0.0
-    off = model_settings(make_params(), "alexnet")
-    assert inference_blur_for(synthetic_data(blur_train=2.5), off) == 0.0
+def test_fit_sees_the_epoch_order(data, monkeypatch):
+    images, labels = data.subset("train")
+    onehot = keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
+    x0, _ = ferlib.train._batches(images, onehot, 32, {}, seed=3, epoch=0)
+    x1, _ = ferlib.train._batches(images, onehot, 32, {}, seed=3, epoch=1)
+    np.testing.assert_array_equal(x0, images[epoch_order(len(images), 3, 0)])
+    assert not np.array_equal(x0, x1)
+
+
+def test_augmentation_layers_draw_independently():
+    flip, rotation, translation, zoom = augmentation_layers(
+        {"flip": True, "rotation": 0.1, "translation": 0.1, "zoom": 0.1}, seed=42)
+    batch = np.zeros((2000, 8, 8, 1), "float32")
+    flipped = keras.ops.convert_to_numpy(
+        flip.get_random_transformation(batch)["flips"]).reshape(-1).astype(float)
+    angle = keras.ops.convert_to_numpy(
+        rotation.get_random_transformation(batch)["angle"]).reshape(-1)
+    zoom_factor = np.asarray(keras.ops.convert_to_numpy(
+        zoom.get_random_transformation(batch)["height_zoom"])).reshape(-1)
+    # With one shared seed: corr(flip, rotation) = -0.87 and corr(rotation, zoom) = 1.00.
+    assert abs(np.corrcoef(flipped, angle)[0, 1]) < 0.1
+    assert abs(np.corrcoef(angle, zoom_factor)[0, 1]) < 0.1
+    assert len({layer.seed for layer in (flip, rotation, translation, zoom)}) == 4
+
+
+def test_reseeding_sets_every_generator_from_seed_and_epoch():
+    model = build_model("alexnet", augment={"flip": True, "rotation": 0.1}, seed=0,
+                        **TINY_ALEXNET)
+    states = lambda: [keras.ops.convert_to_numpy(v).tolist() for v in model.variables  # noqa
+                      if v.path.endswith("seed_generator_state")]
+    count = reseed_generators(model, seed=5, epoch=3)
+    assert count == 4  # flip, rotation and the two dropout layers
+    epoch3 = states()
+    assert len({tuple(state) for state in epoch3}) == count  # no shared stream
+    reseed_generators(model, seed=5, epoch=4)
+    assert states() != epoch3
+    reseed_generators(model, seed=5, epoch=3)
+    assert states() == epoch3
+
+
+def test_interrupted_deterministic_run_resumes_exactly(tmp_path, data, monkeypatch):
+    """Stopped after epoch 2 and started again, a run gives the per-epoch losses of the run
+    that was never interrupted: same orders, augmentations, dropout masks and optimizer."""
+    params = make_params({"epochs": 4, "deterministic": True},
+                         augment={"flip": True, "rotation": 0.05, "translation": 0.1})
+    train("alexnet", data, params, tmp_path / "straight", progress=False)
+    straight = history_of(tmp_path / "straight" / "models" / "alexnet")
+
+    log_epoch = ferlib.train._log_epoch
+
+    def interrupt_after_epoch_2(say, state, *args):
+        log_epoch(say, state, *args)
+        if len(state["history"]) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ferlib.train, "_log_epoch", interrupt_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train("alexnet", data, params, tmp_path / "interrupted", progress=False)
+    monkeypatch.setattr(ferlib.train, "_log_epoch", log_epoch)
+    keras.utils.set_random_seed(123)  # a new process would not share the global RNG state
+    train("alexnet", data, params, tmp_path / "interrupted", progress=False)
+    resumed = history_of(tmp_path / "interrupted" / "models" / "alexnet")
+    assert resumed["epoch"].tolist() == [1, 2, 3, 4]
+    columns = ["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+    np.testing.assert_allclose(resumed[columns].to_numpy(), straight[columns].to_numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_slow_first_epoch_does_not_change_the_plan(tmp_path, data, monkeypatch):
+    """Profiles fix epochs: the cosine plan and the number of epochs trained do not depend
+    on how fast the machine is (here the first epoch pretends to take 20 minutes)."""
+    real_time = time.time
+    clock = {"offset": 0.0, "fits": 0}
+    fit = keras.Model.fit
+
+    def slow_fit(self, *args, **kwargs):
+        clock["fits"] += 1
+        if clock["fits"] == 1:
+            clock["offset"] += 1200.0
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", slow_fit)
+    monkeypatch.setattr(ferlib.train.time, "time", lambda: real_time() + clock["offset"])
+    result = train("alexnet", data, make_params({"epochs": 3}), tmp_path, progress=False)
+    state = read_json(tmp_path / "models" / "alexnet" / "state.json")
+    assert state["planned_epochs"] == 3 and result["epochs_run"] == 3
+    assert result["stopped_reason"] == "completed"
+    assert state["timing"][0]["seconds"] >= 1200
 
 
 # ----------------------------------------------------------------------------- cross-validation
@@ -407,6 +492,26 @@ def test_train_cv_two_folds(tmp_path, data):
     assert not val_ids[0] & val_ids[1]
     assert val_ids[0] | val_ids[1] == set(data.source_ids[data.split != "test"].tolist())
 
+    # Pooled out-of-fold predictions: each train+val image once, by the model that did not
+    # train on it; PrivateTest gets every fold's probabilities and their mean.
+    with np.load(model_dir / "cv_predictions.npz") as pooled:
+        pooled = dict(pooled)
+    pool = data.split != "test"
+    np.testing.assert_array_equal(pooled["oof_ids"], data.source_ids[pool])
+    np.testing.assert_array_equal(pooled["oof_labels"], data.labels[pool])
+    for k in (1, 2):
+        with np.load(model_dir / f"fold{k}" / "predictions.npz") as predictions:
+            rows = np.isin(pooled["oof_ids"], predictions["val_ids"])
+            np.testing.assert_allclose(pooled["oof_proba"][rows], predictions["val_proba"])
+            assert (pooled["oof_fold"][rows] == k).all()
+            np.testing.assert_allclose(pooled["fold_test_proba"][k - 1],
+                                       predictions["test_proba"])
+    np.testing.assert_allclose(pooled["test_proba"], pooled["fold_test_proba"].mean(axis=0))
+    assert [row["fold"] for row in summary["per_fold"]] == [1, 2]
+    assert summary["per_fold"][0]["val_accuracy"] == pytest.approx(accuracies[0])
+    assert summary["oof"]["accuracy"] == pytest.approx(
+        float((pooled["oof_proba"].argmax(1) == pooled["oof_labels"]).mean()))
+
 
 # ----------------------------------------------------------------------------- MixUp / CutMix
 
@@ -414,7 +519,7 @@ def test_mixup_cutmix_batches_mix_labels(data):
     images, labels = data.subset("train")
     onehot = keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
     batches, targets = ferlib.train._batches(images, onehot, 32, {"mixup": 1.0, "cutmix": 1.0},
-                                             seed=0)
+                                             seed=0, epoch=0)
     assert targets is None and len(batches) == int(np.ceil(len(images) / 32))
     x, y = batches[0]
     assert x.dtype == np.uint8 and x.shape[1:3] == (48, 48) and len(x) == len(y) == 32
