@@ -74,7 +74,8 @@ def learning_curves(history, title=None):
     ----------
     history : pandas.DataFrame
         Columns epoch, loss, val_loss, accuracy, val_accuracy, and optionally learning_rate
-        (or lr; shown in a third panel on a log scale).
+        (or lr; shown in a third panel on a log scale) and ``<column>_sd`` (drawn as a band:
+        the spread over cross-validation folds).
     title : str, optional
         Figure title.
 
@@ -94,9 +95,13 @@ def learning_curves(history, title=None):
     best = history.loc[history["val_accuracy"].idxmax()]
 
     for ax, metric, label in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
-        ax.plot(history["epoch"], history[metric], marker="o", markersize=3, label="train")
-        ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", markersize=3,
-                label="validation")
+        for column, name in ((metric, "train"), (f"val_{metric}", "validation")):
+            line, = ax.plot(history["epoch"], history[column], marker="o", markersize=3,
+                            label=name)
+            if f"{column}_sd" in history:  # cross-validation: mean ± sd over the folds
+                ax.fill_between(history["epoch"], history[column] - history[f"{column}_sd"],
+                                history[column] + history[f"{column}_sd"], alpha=0.2,
+                                color=line.get_color(), linewidth=0)
         ax.axvline(best["epoch"], color="gray", linestyle="--", linewidth=1)
         ax.set_xlabel("Epoch")
         ax.set_ylabel(label)
@@ -531,3 +536,14 @@ def publish(fig, directory, name, dpi=100):
     path = Path(directory) / f"{name}.png"
     save_figure(fig, path, dpi=dpi)
     return PublishedFigure(fig, path)
+
+
+def table(frame, precision: int = 3):
+    """A DataFrame as a paper's table: no index column, "–" for missing values, floats
+    rounded. Returns a pandas Styler, which notebooks display as HTML."""
+    import pandas as pd
+
+    frame = frame.reset_index() if not isinstance(frame.index, pd.RangeIndex) else frame
+    return (frame.style.hide(axis="index").format(precision=precision, na_rep="–",
+                                                   thousands=",")
+            .set_table_attributes('class="ferlib-table"'))

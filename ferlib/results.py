@@ -33,6 +33,8 @@ class ModelResult:
     metrics: dict
     settings: dict
     predictions: dict
+    folds: list["ModelResult"] | None = None   # cross-validation: the fold models
+    cv: dict | None = None                      # cross-validation: cv_metrics.json
 
     @property
     def parameters_text(self) -> str:
@@ -50,7 +52,12 @@ class ModelResult:
 
 def load_result(run_dir, name: str) -> ModelResult:
     """Load ``run_dir/models/<name>/``; a clear error if training has not finished."""
-    directory = Path(run_dir) / "models" / name
+    return load_directory(Path(run_dir) / "models" / name, name)
+
+
+def load_directory(directory: Path, name: str) -> ModelResult:
+    """Load what ``ferlib.train.train`` wrote into ``directory`` (one model or one fold)."""
+    directory = Path(directory)
     if not (directory / "metrics.json").exists():
         raise FileNotFoundError(f"{directory}: no finished training for {name!r} (metrics.json "
                                 f"missing); run `python -m ferlib train --model {name}` or the "
@@ -64,8 +71,140 @@ def load_result(run_dir, name: str) -> ModelResult:
                        settings=read_json(directory / "settings.json"), predictions=predictions)
 
 
-def load_results(run_dir, names) -> dict[str, ModelResult]:
-    return {name: load_result(run_dir, name) for name in names}
+def load_cv_result(run_dir, name: str) -> ModelResult:
+    """A cross-validated model as one result: the k-fold ensemble on PrivateTest (mean of the
+    fold models' probabilities), pooled out-of-fold predictions as validation, and learning
+    curves averaged over folds (``<column>_sd`` holds the spread); ``folds`` holds each fold.
+    """
+    directory = Path(run_dir) / "models" / name
+    if not (directory / "cv_metrics.json").exists():
+        raise FileNotFoundError(f"{directory}: no finished cross-validation for {name!r} "
+                                f"(cv_metrics.json missing); run `python -m ferlib train "
+                                f"--model {name}` with cv_folds set, or the 03_train notebook")
+    cv = read_json(directory / "cv_metrics.json")
+    folds = [load_directory(directory / f"fold{k}", name) for k in range(1, cv["folds"] + 1)]
+    with np.load(directory / "cv_predictions.npz") as archive:
+        pooled = {key: archive[key] for key in archive.files}
+    stacked = pd.concat([fold.history.assign(fold=k) for k, fold in enumerate(folds, 1)])
+    history = stacked.groupby("epoch").mean(numeric_only=True).drop(columns="fold")
+    spread = stacked.groupby("epoch").std(numeric_only=True).drop(columns="fold")
+    history = history.join(spread.add_suffix("_sd")).reset_index()
+    timing = pd.concat([fold.timing for fold in folds]).groupby("epoch").mean().reset_index()
+    first = folds[0].metrics
+    metrics_ = {"model": name, "folds": cv["folds"],
+                "best_epoch": int(np.argmax(history.val_accuracy.values)) + 1,
+                "epochs_run": len(history),
+                "stopped_reason": ", ".join(sorted({f.metrics["stopped_reason"] for f in folds})),
+                "budget_minutes": first.get("budget_minutes"),
+                "train_seconds": float(sum(f.metrics["train_seconds"] for f in folds)),
+                "seconds_per_epoch": float(timing.seconds.mean()),
+                "parameters": first.get("parameters"), "machine": first.get("machine"),
+                "privatetest_scorings": max(f.metrics.get("privatetest_scorings", 1)
+                                            for f in folds),
+                "val": cv["oof"]}
+    predictions = {"val_proba": pooled["oof_proba"], "val_labels": pooled["oof_labels"],
+                   "val_ids": pooled["oof_ids"]}
+    if "test_proba" in pooled:
+        metrics_["test"] = cv["ensemble_test"]
+        predictions.update(test_proba=pooled["test_proba"], test_labels=pooled["test_labels"],
+                           test_ids=pooled["test_ids"], fold_test_proba=pooled["fold_test_proba"])
+    return ModelResult(name=name, directory=directory, history=history, timing=timing,
+                       metrics=metrics_, settings=folds[0].settings, predictions=predictions,
+                       folds=folds, cv=cv)
+
+
+def load_results(run_dir, names, cv_folds: int = 0) -> dict[str, ModelResult]:
+    """Every model's result: the official-split model, or with ``cv_folds`` the k-fold
+    cross-validation (see :func:`load_cv_result`)."""
+    load = load_cv_result if cv_folds else load_result
+    return {name: load(run_dir, name) for name in names}
+
+
+def epoch_log(result: ModelResult) -> pd.DataFrame:
+    """The per-epoch log as training printed it: losses, accuracies, learning rate, seconds
+    and throughput (shown again when a report is rendered from an existing run)."""
+    columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+    return result.history[columns].merge(
+        result.timing[["epoch", "seconds", "images_per_second"]], on="epoch", how="left")
+
+
+def fold_table(result: ModelResult) -> pd.DataFrame:
+    """Cross-validation, one row per fold and mean ± sd rows: epochs, validation (the fold's
+    held-out part of train+val) and PrivateTest accuracy, macro F1 and AUC."""
+    rows = pd.DataFrame(result.cv["per_fold"])
+    keep = ["fold", "epochs_run", "best_epoch", "stopped_reason"] + [
+        f"{part}_{metric}" for part in ("val", "test")
+        for metric in ("accuracy", "f1_macro", "auc_macro") if f"{part}_{metric}" in rows]
+    rows = rows[keep].astype({"fold": str})
+    numeric = rows.select_dtypes("number")
+    summary = pd.DataFrame([{"fold": "mean", **numeric.mean().to_dict()},
+                            {"fold": "sd", **numeric.std().to_dict()}])
+    return pd.concat([rows, summary], ignore_index=True)
+
+
+def cv_table(results: dict[str, ModelResult]) -> pd.DataFrame:
+    """Models compared on their folds: mean ± sd over folds of the fold-validation and
+    PrivateTest metrics, pooled out-of-fold and k-fold-ensemble PrivateTest accuracy."""
+    rows = []
+    for result in results.values():
+        folds = pd.DataFrame(result.cv["per_fold"])
+        row = {"model": result.display_name, "folds": result.cv["folds"]}
+        for part, label in (("val", "fold val"), ("test", "PrivateTest")):
+            for metric in ("accuracy", "f1_macro", "auc_macro"):
+                column = f"{part}_{metric}"
+                if column in folds:
+                    row[f"{label} {metric} (mean ± sd)"] = (f"{folds[column].mean():.3f} ± "
+                                                           f"{folds[column].std():.3f}")
+        row["pooled out-of-fold accuracy"] = result.cv["oof"]["accuracy"]
+        if "ensemble_test" in result.cv:
+            row["k-fold ensemble PrivateTest accuracy"] = result.cv["ensemble_test"]["accuracy"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cv_significance(results: dict[str, ModelResult]) -> pd.DataFrame:
+    """Every pair of cross-validated models, two ways, both stated in the table: a paired
+    t-test over folds of the PrivateTest accuracy (the folds are the same images for every
+    model, so fold k pairs with fold k), and McNemar's test on the pooled out-of-fold
+    predictions (every train+val image predicted once by a model that did not train on it)."""
+    from scipy import stats
+
+    rows = []
+    for first, second in itertools.combinations(results.values(), 2):
+        if not np.array_equal(first.predictions["val_ids"], second.predictions["val_ids"]):
+            raise ValueError(f"{first.name} and {second.name}: out-of-fold predictions cover "
+                             f"different images; were they trained on the same folds?")
+        a = pd.DataFrame(first.cv["per_fold"])["test_accuracy"].to_numpy()
+        b = pd.DataFrame(second.cv["per_fold"])["test_accuracy"].to_numpy()
+        t_test = stats.ttest_rel(a, b) if len(a) > 1 else None
+        labels = first.predictions["val_labels"]
+        test = metrics.mcnemar(labels, first.predictions["val_proba"].argmax(1),
+                               second.predictions["val_proba"].argmax(1))
+        rows.append({"model_a": first.display_name, "model_b": second.display_name,
+                     "mean fold difference (PrivateTest accuracy)": float(np.mean(a - b)),
+                     "paired t-test over folds p": (float(t_test.pvalue) if t_test is not None
+                                                    and np.isfinite(t_test.pvalue) else None),
+                     "pooled out-of-fold difference": float(
+                         (first.predictions["val_proba"].argmax(1) == labels).mean()
+                         - (second.predictions["val_proba"].argmax(1) == labels).mean()),
+                     "McNemar on pooled out-of-fold p": test["p_value"],
+                     "McNemar method": test["method"]})
+    return pd.DataFrame(rows)
+
+
+def test_scorings_table(results: dict[str, ModelResult], run_dir) -> pd.DataFrame:
+    """How many times each model was scored on PrivateTest, per the run's ledger (replaced
+    runs included). The protocol's "scored once" holds only where the count is 1."""
+    from ferlib.train import count_test_scorings
+
+    rows = []
+    for name, result in results.items():
+        parts = [f"fold{k}" for k in range(1, len(result.folds) + 1)] if result.folds else [""]
+        counts = [count_test_scorings(run_dir, name, part) for part in parts]
+        rows.append({"model": result.display_name,
+                     "PrivateTest scorings": max(counts) if counts else 0,
+                     "scored once": all(count == 1 for count in counts)})
+    return pd.DataFrame(rows)
 
 
 def convergence(result: ModelResult) -> dict:
@@ -91,8 +230,14 @@ def convergence(result: ModelResult) -> dict:
 
 
 def summary_table(results: dict[str, ModelResult], n_boot: int = 1000, seed: int = 0,
-                  tta: bool = False) -> pd.DataFrame:
-    """PrivateTest metrics with 95% bootstrap CIs per model, beside the paper's Table 4."""
+                  tta: bool = False, unseen: np.ndarray | None = None) -> pd.DataFrame:
+    """PrivateTest metrics with 95% bootstrap CIs per model, beside the paper's Table 4.
+
+    ``unseen``: a boolean mask over the PrivateTest images (in prediction order), True for
+    images that occur in neither Training nor PublicTest (``ferlib.data.seen_elsewhere``). It
+    adds the accuracy on those images alone (``accuracy_unseen``, with its CI): how much the
+    official score owes to memorised duplicates.
+    """
     claims = paper.table4()
     rows = []
     for name, result in results.items():
@@ -100,6 +245,18 @@ def summary_table(results: dict[str, ModelResult], n_boot: int = 1000, seed: int
         intervals = metrics.bootstrap_ci(labels, proba, n_boot=n_boot, seed=seed,
                                          metric_names=HEADLINE_METRICS).set_index("metric")
         row = {"model": result.display_name}
+        if unseen is not None:
+            unseen = np.asarray(unseen, bool)
+            if len(unseen) != len(labels):
+                raise ValueError(f"unseen: mask of {len(unseen)} images for {len(labels)} "
+                                 f"PrivateTest predictions of {name}")
+            clean = metrics.bootstrap_ci(labels[unseen], proba[unseen], n_boot=n_boot,
+                                         seed=seed, metric_names=("accuracy",)).iloc[0]
+            row.update(accuracy_unseen=round(float(clean["value"]), 4),
+                       accuracy_unseen_low=float(clean["low"]),
+                       accuracy_unseen_high=float(clean["high"]),
+                       accuracy_unseen_ci=f"[{clean['low']:.3f}, {clean['high']:.3f}]",
+                       unseen_images=int(unseen.sum()))
         for metric in HEADLINE_METRICS:
             value, low, high = intervals.loc[metric, ["value", "low", "high"]]
             row[metric] = round(float(value), 4)
@@ -134,6 +291,11 @@ def headline(summary: pd.DataFrame) -> pd.DataFrame:
         paper_column = f"paper_{PAPER_COLUMNS.get(metric, '')}"
         if paper_column in summary:
             out[f"paper {label.split(' ')[0]}"] = summary[paper_column]
+    if "accuracy_unseen" in summary:
+        count = int(summary["unseen_images"].iloc[0])
+        out[f"Accuracy without duplicates (n={count:,})"] = [
+            f"{v:.3f} {ci}" for v, ci in zip(summary["accuracy_unseen"],
+                                             summary["accuracy_unseen_ci"])]
     return out
 
 
@@ -213,6 +375,12 @@ def conclusion(summary: pd.DataFrame, significance: pd.DataFrame,
     best = summary.sort_values("accuracy", ascending=False).iloc[0]
     lines = [f"- Best PrivateTest accuracy: **{best['model']}** at {best['accuracy']:.3f} "
              f"(95% CI {best['accuracy_ci']})."]
+    if "accuracy_unseen" in best:
+        lines.append(f"- Without the PrivateTest images that also occur in Training or "
+                     f"PublicTest ({int(best['unseen_images']):,} left), {best['model']} scores "
+                     f"{best['accuracy_unseen']:.3f} (95% CI {best['accuracy_unseen_ci']}): "
+                     f"{best['accuracy'] - best['accuracy_unseen']:+.3f} of the official score "
+                     f"comes with the duplicates.")
     for _, row in summary.iterrows():
         if "paper_accuracy" in row and pd.notna(row.get("paper_accuracy")):
             gap = row["accuracy"] - row["paper_accuracy"]
@@ -273,8 +441,9 @@ def differences_from_paper(params: dict, models: dict[str, ModelResult]) -> str:
             extra = (f", ViT {model['num_layers']} layers x {model['hidden_dim']} dims, "
                      f"{model['num_heads']} heads, patch {model['patch_size']} "
                      f"({(size // model['patch_size']) ** 2 + 1} tokens; paper: 12 x 768, 8 heads)")
-        budget = (f"wall-clock budget {train['budget_minutes']:g} min"
-                  if train["budget_minutes"] else f"up to {train['epochs']} epochs")
+        budget = f"{train['epochs']} epochs planned" + (
+            f", safety stop after {train['budget_minutes']:g} min" if train["budget_minutes"]
+            else "")
         lines.append(f"- {result.display_name}: input {size}x{size}{extra}; {train['optimizer']} "
                      f"lr {train['learning_rate']:g}, batch {train['batch_size']}, {budget}; "
                      f"ran {len(result.history)} epochs ({result.metrics['stopped_reason']}), "
@@ -282,13 +451,6 @@ def differences_from_paper(params: dict, models: dict[str, ModelResult]) -> str:
     from ferlib.runs import cpu_name
 
     here = f"not recorded; this report was rendered on {cpu_name()}, {os.cpu_count()} cores"
-    sigmas = {r.metrics.get("inference_blur_sigma") or 0.0 for r in models.values()}
-    if any(sigmas):
-        lines.append(f"- **Blurred training images**: in this FER2013 copy every Training image is "
-                     f"heavily blurred while PublicTest and PrivateTest are sharp (see 01_eda). "
-                     f"Inference inputs are blurred by {', '.join(f'{s:g}' for s in sorted(sigmas))} "
-                     f"px (derived from Training vs PublicTest) to match; the paper does not "
-                     f"mention this, and the original FER2013 has no such gap.")
     machines = sorted({r.metrics.get("machine", here) for r in models.values()})
     lines.append(f"- Hardware: {'; '.join(machines)} vs the paper's NVIDIA A100.")
     lines.append("- Protocol: official split; selection and early stopping on PublicTest, "
@@ -298,15 +460,18 @@ def differences_from_paper(params: dict, models: dict[str, ModelResult]) -> str:
     return "\n".join(lines)
 
 
-def blur_table(results: dict[str, ModelResult]) -> pd.DataFrame:
-    """PrivateTest accuracy and macro F1 with the inference blur (default) and without it."""
-    rows = []
-    for result in results.values():
-        row = {"model": result.display_name,
-               "blur sigma (px)": result.metrics.get("inference_blur_sigma", 0.0)}
-        for label, key in (("blurred", "test"), ("as stored", "test_no_blur")):
-            if key in result.metrics:
-                row[f"accuracy ({label})"] = round(result.metrics[key]["accuracy"], 4)
-                row[f"F1 macro ({label})"] = round(result.metrics[key]["f1_macro"], 4)
-        rows.append(row)
-    return pd.DataFrame(rows)
+EXPERIMENTS_FILE = Path(__file__).resolve().parent.parent / "params" / "experiments.csv"
+EXPERIMENT_COLUMNS = ["profile", "model", "what was tried", "epochs", "PublicTest accuracy",
+                      "kept", "note"]
+
+
+def recipe_experiments(path: Path = EXPERIMENTS_FILE) -> pd.DataFrame:
+    """The short recipe experiments behind the profiles (``params/experiments.csv``): what
+    was tried, for how many epochs, the PublicTest accuracy reached, and whether it was kept."""
+    if not Path(path).exists():
+        return pd.DataFrame(columns=EXPERIMENT_COLUMNS)
+    frame = pd.read_csv(path)
+    missing = [column for column in EXPERIMENT_COLUMNS if column not in frame]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected {EXPERIMENT_COLUMNS}")
+    return frame[EXPERIMENT_COLUMNS]

@@ -1,0 +1,130 @@
+"""Tests for ferlib.results: loading official-split and cross-validated runs, the
+duplicate-aware headline, fold tables and tests, the PrivateTest ledger and the recipe table.
+
+Two tiny models are cross-validated once (2 folds, 1 epoch) on synthetic data and shared by
+the tests; hand-made predictions cover the arithmetic.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ferlib import results
+from ferlib.config import validate
+from ferlib.train import train, train_cv
+from test_train import TINY_ALEXNET, synthetic_data
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+TINY_VIT = {"patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
+
+
+def tiny_params(**top):
+    return validate({"seed": 0, "models": ["alexnet", "vit"],
+                     "train": {"epochs": 1, "batch_size": 32, "warmup_epochs": 0,
+                               "early_stopping_patience": None, "tta": False},
+                     "augment": {"flip": False},
+                     "model_params": {"alexnet": TINY_ALEXNET, "vit": TINY_VIT}, **top})
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_data(per_split=(12, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory, data):
+    run_dir = tmp_path_factory.mktemp("cv")
+    params = tiny_params(cv_folds=2)
+    for name in params["models"]:
+        train_cv(name, data, params, run_dir, progress=False)
+    return run_dir, results.load_results(run_dir, params["models"], cv_folds=2)
+
+
+def test_cv_result_is_the_fold_ensemble_with_pooled_validation(cv_run, data):
+    _, models = cv_run
+    result = models["alexnet"]
+    assert len(result.folds) == 2 and result.cv["folds"] == 2
+    labels, proba = result.test()
+    np.testing.assert_array_equal(labels, data.labels[data.split == "test"])
+    fold_probas = [fold.test()[1] for fold in result.folds]
+    np.testing.assert_allclose(proba, np.mean(fold_probas, axis=0))
+    assert result.metrics["test"]["accuracy"] == pytest.approx(
+        float((proba.argmax(1) == labels).mean()))
+    # validation = every train+val image once, out of fold
+    assert len(result.predictions["val_labels"]) == int((data.split != "test").sum())
+    # curves averaged over folds, with the spread
+    assert {"loss", "val_accuracy", "loss_sd", "val_accuracy_sd"} <= set(result.history)
+    first = [fold.history.loss.iloc[0] for fold in result.folds]
+    assert result.history.loss.iloc[0] == pytest.approx(np.mean(first))
+    assert result.metrics["privatetest_scorings"] == 1
+
+
+def test_fold_table_has_every_fold_then_mean_and_sd(cv_run):
+    _, models = cv_run
+    table = results.fold_table(models["vit"])
+    assert table["fold"].tolist() == ["1", "2", "mean", "sd"]
+    values = table["test_accuracy"].to_numpy(float)
+    assert values[2] == pytest.approx(values[:2].mean())
+    assert values[3] == pytest.approx(values[:2].std(ddof=1))
+
+
+def test_cv_tables_compare_models_on_the_same_folds(cv_run):
+    _, models = cv_run
+    table = results.cv_table(models)
+    assert table["model"].tolist() == [models["alexnet"].display_name,
+                                       models["vit"].display_name]
+    assert " ± " in table["PrivateTest accuracy (mean ± sd)"].iloc[0]
+    significance = results.cv_significance(models)
+    assert len(significance) == 1
+    row = significance.iloc[0]
+    a = pd.DataFrame(models["alexnet"].cv["per_fold"])["test_accuracy"]
+    b = pd.DataFrame(models["vit"].cv["per_fold"])["test_accuracy"]
+    assert row["mean fold difference (PrivateTest accuracy)"] == pytest.approx((a - b).mean())
+    assert 0 <= row["McNemar on pooled out-of-fold p"] <= 1
+
+
+def test_test_scorings_table_reads_the_ledger(cv_run):
+    run_dir, models = cv_run
+    table = results.test_scorings_table(models, run_dir)
+    assert table["PrivateTest scorings"].tolist() == [1, 1]
+    assert table["scored once"].all()
+
+
+def test_loading_a_missing_cv_run_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cv_metrics.json missing"):
+        results.load_cv_result(tmp_path, "alexnet")
+
+
+def test_summary_adds_the_accuracy_without_duplicates(tmp_path, data):
+    params = tiny_params(models=["alexnet"])
+    train("alexnet", data, params, tmp_path, progress=False)
+    models = results.load_results(tmp_path, ["alexnet"])
+    labels, proba = models["alexnet"].test()
+    unseen = np.arange(len(labels)) % 3 != 0
+    summary = results.summary_table(models, n_boot=50, seed=0, unseen=unseen)
+    expected = float((proba.argmax(1) == labels)[unseen].mean())
+    assert summary["accuracy_unseen"].iloc[0] == pytest.approx(expected, abs=1e-4)
+    assert summary["unseen_images"].iloc[0] == unseen.sum()
+    headline = results.headline(summary)
+    assert f"Accuracy without duplicates (n={unseen.sum()})" in headline.columns
+    with pytest.raises(ValueError, match="mask of 3 images"):
+        results.summary_table(models, n_boot=10, unseen=unseen[:3])
+    log = results.epoch_log(models["alexnet"])
+    assert list(log.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy",
+                                 "learning_rate", "seconds", "images_per_second"]
+
+
+def test_recipe_experiments_table(tmp_path):
+    assert list(results.recipe_experiments(tmp_path / "none.csv").columns) == \
+        results.EXPERIMENT_COLUMNS
+    file = tmp_path / "experiments.csv"
+    pd.DataFrame([{column: 1 for column in results.EXPERIMENT_COLUMNS}]).to_csv(file,
+                                                                                  index=False)
+    assert len(results.recipe_experiments(file)) == 1
+    pd.DataFrame({"profile": ["quick"]}).to_csv(file, index=False)
+    with pytest.raises(ValueError, match="missing column"):
+        results.recipe_experiments(file)
+    shipped = results.recipe_experiments()
+    assert set(shipped["profile"]) <= {"quick", "full", "all", "smoke", "paper"}
