@@ -1,6 +1,6 @@
 """Benchmark ``inference``: single-image latency and batch throughput per quick-profile model.
 
-Models are built as ``ferlib.train`` builds them (inference blur included, untrained weights:
+Models are built as ``ferlib.train`` builds them (untrained weights:
 speed does not depend on them) and fed random uint8 images.
 """
 
@@ -46,7 +46,6 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
     batch_images = QUICK_BATCH_IMAGES if quick else BATCH_IMAGES
     return {
         "settings": {"profile": common.PROFILE,
-                     "inference_blur_sigma": common.QUICK_INFERENCE_BLUR_SIGMA,
                      "latency": f"median of {QUICK_LATENCY_CALLS if quick else LATENCY_CALLS} "
                                 f"calls model(x, training=False), x uint8 (1, 48, 48, 1), after "
                                 f"{WARMUP_CALLS} warm-up calls",

@@ -1,7 +1,7 @@
 """Benchmark ``train``: training images/s per quick-profile model, and what the stem costs.
 
 Each model is built and compiled as ``ferlib.train`` builds it for the quick profile and fitted
-on random uint8 images. The same network without its stem (rescale, inference blur,
+on random uint8 images. The same network without its stem (rescale,
 augmentation, resize, gray to RGB: every layer before the first one with weights) is fitted on
 random float32 RGB images in the same run, so the stem and augmentation overhead is a ratio of
 two figures measured side by side. The training FLOP rate (3 x the forward FLOPs per image x

@@ -17,10 +17,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 PROFILE = "quick"
 
-# ``ferlib.train`` derives the inference blur from the data (train vs val sharpness); on
-# FER2013 the quick run derives 3.0 px. Benchmarks use random images, so it is fixed here.
-QUICK_INFERENCE_BLUR_SIGMA = 3.0
-
 
 # ----------------------------------------------------------------------------- timing
 
@@ -46,9 +42,7 @@ def quick_settings(model_name: str) -> dict:
     """The settings ``ferlib.train`` would use for ``model_name`` in the quick profile."""
     from ferlib.config import load_params, model_settings
 
-    settings = model_settings(load_params(PROFILE), model_name)
-    settings["model_params"]["inference_blur_sigma"] = QUICK_INFERENCE_BLUR_SIGMA
-    return settings
+    return model_settings(load_params(PROFILE), model_name)
 
 
 def build_quick_model(model_name: str, precision: str | None = None):

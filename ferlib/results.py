@@ -220,7 +220,7 @@ def convergence(result: ModelResult) -> dict:
         "early_stopping"
     return {"model": result.display_name, "epochs_run": epochs, "best_epoch": best_epoch,
             "stopped_reason": result.metrics["stopped_reason"],
-            "budget_minutes": result.metrics.get("budget_minutes"),
+            "planned_epochs": result.settings["train"]["epochs"],
             "train_minutes": round(result.metrics["train_seconds"] / 60, 1),
             "final_val_accuracy": round(float(history.val_accuracy.iloc[-1]), 4),
             "val_accuracy_slope_last3": round(slope, 4),

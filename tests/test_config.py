@@ -275,3 +275,14 @@ def test_bad_profile_file_names_the_key(tmp_path):
     path.write_text("train:\n  epochs: ten\n")
     with pytest.raises(ValueError, match=r"train\.epochs"):
         load_params(str(path))
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in PARAMS_DIR.glob("*.yaml")))
+def test_shipped_profiles_fix_epochs_not_minutes(profile):
+    """The same profile trains identically on any machine: epochs decide, and the wall-clock
+    safety stop is off in every shipped profile."""
+    params = load_params(profile)
+    for name in params["models"]:
+        settings = model_settings(params, name)["train"]
+        assert settings["budget_minutes"] is None, f"{profile}: {name} has a budget"
+        assert settings["epochs"] >= 1
