@@ -3,8 +3,13 @@
 ``report(profile)`` runs ``01_eda``, ``02_preprocess``, ``03_train`` once per model and
 ``04_compare`` into ``runs/<profile>/notebooks/``, renders each to ``reports/<profile>/`` and
 writes ``reports/<profile>/index.html``. A step is skipped when its executed notebook and HTML
-exist and its inputs (resolved params, notebook, dataset, upstream results) are unchanged, so a
-rerun is fast and an interrupted training continues from its last completed epoch.
+exist and its inputs (resolved params, notebook, the ``ferlib`` code it runs, dataset, upstream
+results) are unchanged, so a rerun is fast and an interrupted training continues from its last
+completed epoch.
+
+Rendered pages are meant to be committed: each starts with a provenance header (profile,
+dataset hash, commit, versions, machine, date), and every output is scrubbed of this machine's
+paths and of library start-up noise before export.
 """
 
 from __future__ import annotations
@@ -12,17 +17,34 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import html
+import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from ferlib.config import PROJECT_ROOT, load_params, parse_overrides, resolve_data_path
-from ferlib.runs import (atomic_write_text, environment, fingerprint, read_json, run_dir as
-                         default_run_dir, write_json, write_yaml)
+from ferlib.runs import (atomic_write_text, code_hash, environment, fingerprint, provenance,
+                         read_json, run_dir as default_run_dir, write_json, write_yaml)
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 REPORTS_DIR = PROJECT_ROOT / "reports"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+# The ferlib modules each notebook runs, directly or through what they import (plots imports
+# paper; train imports metrics and models; every module reads the package's constants), and
+# this runner. A change to one re-executes exactly the steps listed with it; training itself
+# still resumes or skips by train()'s own fingerprint. Modules that do not exist are ignored.
+STEP_MODULES = {
+    "01_eda": ("__init__", "config", "data", "plots", "paper", "runs", "pipeline"),
+    "02_preprocess": ("__init__", "config", "data", "models", "train", "metrics", "results",
+                      "plots", "paper", "runs", "pipeline"),
+    "03_train": ("__init__", "config", "data", "models", "train", "metrics", "results",
+                 "plots", "paper", "runs", "pipeline", "explain"),
+    "04_compare": ("__init__", "config", "data", "models", "train", "metrics", "results",
+                   "plots", "paper", "runs", "pipeline", "explain", "apply"),
+}
 
 
 class StepFailed(RuntimeError):
@@ -38,59 +60,331 @@ def plan(params: dict) -> list[tuple[str, str, dict]]:
     return steps
 
 
+def step_modules(notebook_name: str) -> tuple[str, ...]:
+    """The existing ``ferlib`` modules whose source is part of a notebook's step fingerprint.
+
+    Parameters
+    ----------
+    notebook_name : str
+        Notebook file or stem (``"03_train.ipynb"``, ``"03_train"``).
+
+    Returns
+    -------
+    tuple of str
+        Module names (``"train"``...) from ``STEP_MODULES`` whose ``ferlib/<name>.py`` exists.
+    """
+    stem = Path(notebook_name).stem
+    if stem not in STEP_MODULES:
+        raise ValueError(f"notebook {notebook_name!r}: no module list in "
+                         f"ferlib.pipeline.STEP_MODULES; expected one of {sorted(STEP_MODULES)}")
+    return tuple(module for module in STEP_MODULES[stem]
+                 if (PACKAGE_DIR / f"{module}.py").exists())
+
+
+def upstream_results(params: dict, step: str, extra: dict) -> list[str]:
+    """Result files (relative to the run directory) whose content a step's report shows.
+
+    A train step shows its model's results (which may have been trained outside the
+    pipeline, e.g. with ``ferlib train`` or on a GPU box); the compare step shows every
+    model's. With ``cv_folds`` set, a model's result is its ``cv_metrics.json``.
+    """
+    result = "cv_metrics.json" if params.get("cv_folds") else "metrics.json"
+    models = (list(params["models"]) if step == "04_compare" else
+              [extra["model"]] if "model" in extra else [])
+    return [f"models/{model}/{result}" for model in models]
+
+
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _step_inputs(params, notebook: Path, data_hash: str, upstream: list[str], run: Path) -> str:
-    # Upstream results (e.g. each model's metrics.json) feed the compare step.
+    """Fingerprint of everything a step's output depends on (see ``report``)."""
     upstream_digests = {name: _file_digest(run / name) if (run / name).exists() else None
                         for name in upstream}
     return fingerprint({"params": params, "notebook": _file_digest(notebook),
+                        "code": code_hash(*step_modules(notebook.name)),
                         "data": data_hash, "upstream": upstream_digests})
 
 
-# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) says nothing about the study.
-BACKEND_NOISE = re.compile(r"^(?:[IWE]\d{4} [\d:.]+ +\d+ \S+\] |WARNING: All log messages "
-                           r"before absl|To enable the following instructions|"
-                           r".*TqdmWarning: IProgress not found|\s+from \.autonotebook)")
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) and the warnings libraries raise
+# from their own code say nothing about the study (and quote this machine's paths).
+BACKEND_NOISE = re.compile(
+    r"^(?:[IWE]\d{4} [\d:.]+ +\d+ \S+\] |WARNING: All log messages before absl|"
+    r"To enable the following instructions|.*TqdmWarning: IProgress not found|"
+    r"\s+from \.autonotebook|"
+    # "/.../site-packages/keras/src/x.py:12: UserWarning: ...", then the quoted source line.
+    r"(?P<python_warning>.*(?:site|dist)-packages/\S+:\d+: \w*Warning\b)|"
+    # "WARNING:tensorflow:From /.../site-packages/...: f is deprecated ...", then
+    # "Instructions for updating:" and one line of advice.
+    r"(?P<deprecation>WARNING:\w+:From \S*(?:site|dist)-packages/))")
 
 
-def render_html(notebook_path: Path, html_path: Path) -> None:
-    """Render an executed notebook to standalone HTML (figures embedded, code hidden)."""
+class _NoiseFilter:
+    """Line by line: drop backend noise and library warnings with the lines that go with them."""
+
+    def __init__(self):
+        self.expect = None  # what may follow the line just dropped
+
+    def keep(self, line: str) -> bool:
+        expect, self.expect = self.expect, None
+        if expect == "source" and line[:1] in (" ", "\t") and line.strip():
+            return False
+        if expect == "instructions" and line.startswith("Instructions for updating:"):
+            self.expect = "advice"
+            return False
+        if expect == "advice":
+            return False
+        match = BACKEND_NOISE.match(line)
+        if match is None:
+            return True
+        self.expect = ("source" if match.group("python_warning") else
+                       "instructions" if match.group("deprecation") else None)
+        return False
+
+
+def drop_noise(text: str) -> str:
+    """``text`` without backend start-up chatter and library warnings (``BACKEND_NOISE``)."""
+    noise = _NoiseFilter()
+    return "".join(line for line in text.splitlines(keepends=True) if noise.keep(line))
+
+
+def machine_paths(*, run: Path | None = None, reports: Path | None = None,
+                  data_path: Path | None = None) -> dict[str, str]:
+    """This machine's absolute paths and what a committed report shows in their place.
+
+    Parameters
+    ----------
+    run : Path, optional
+        The run directory, shown as ``runs/<profile>`` wherever it is.
+    reports : Path, optional
+        The report folder, shown as ``reports/<profile>`` wherever it is.
+    data_path : Path, optional
+        The dataset, shown relative to the project root, or by its name if outside.
+
+    Returns
+    -------
+    dict
+        Absolute path -> replacement, for ``scrub_text``. Always covers the project root
+        (``.``), ``$FERLIB_CACHE``, the home folder (``~``) and the temp folders
+        (``$TMPDIR``); both the given and the resolved spelling of each path.
+    """
+    paths: dict[str, str] = {}
+
+    def add(path, shown: str) -> None:
+        for spelling in (str(Path(path).expanduser()),
+                         str(Path(path).expanduser().resolve())):
+            if Path(spelling).is_absolute() and len(spelling) > 1:
+                paths.setdefault(spelling, shown)
+
+    if run is not None:
+        add(run, f"runs/{Path(run).name}")
+    if reports is not None:
+        add(reports, f"reports/{Path(reports).name}")
+    if data_path is not None:
+        try:
+            shown = Path(data_path).resolve().relative_to(PROJECT_ROOT).as_posix()
+        except ValueError:
+            shown = Path(data_path).name
+        add(data_path, shown)
+    if os.environ.get("FERLIB_CACHE"):
+        add(os.environ["FERLIB_CACHE"], "$FERLIB_CACHE")
+    add(PROJECT_ROOT, ".")
+    with contextlib.suppress(RuntimeError, KeyError):  # no $HOME and no password entry
+        add(Path.home(), "~")
+    for temp in (tempfile.gettempdir(), "/tmp", "/var/tmp"):
+        add(temp, "$TMPDIR")
+    return paths
+
+
+# Any spelling of a path into an installed package collapses to "site-packages/<package>".
+_SITE_PACKAGES = re.compile(r"(?<![\w.+~/-])[\w.+~-]*(?:/[\w.+-]+)*/(?:site|dist)-packages/")
+# Other people's home folders (e.g. in artifacts made on another machine).
+_OTHER_HOMES = re.compile(r"(?<![\w.~-])/(?:home|Users)/[\w.-]+(?![\w.-])")
+
+
+def _path_pattern(paths: dict[str, str]) -> re.Pattern | None:
+    if not paths:
+        return None
+    # Longest first, so the run directory wins over the project root or /tmp above it; a
+    # match must end at a path boundary ("/tmp" is not the start of "/tmpfoo").
+    alternatives = "|".join(re.escape(path) for path in sorted(paths, key=len, reverse=True))
+    return re.compile(rf"(?<![\w.~-])(?:{alternatives})(?![\w+-]|\.[\w-])")
+
+
+def scrub_text(text: str, paths: dict[str, str], drop_warnings: bool = True) -> str:
+    """Make an output shareable: no machine paths, no start-up noise or library warnings.
+
+    Parameters
+    ----------
+    text : str
+        A cell's output text (stream, ``text/plain``, ``text/html``, ``text/markdown``...).
+    paths : dict
+        ``machine_paths(...)``: absolute path -> what to show instead.
+    drop_warnings : bool
+        Also drop ``BACKEND_NOISE`` lines (backend chatter, warnings quoting site-packages).
+
+    Returns
+    -------
+    str
+        The text with the lines dropped, site-packages paths shortened to
+        ``site-packages/...``, each path in ``paths`` replaced (longest first, one pass) and
+        other users' home folders shown as ``~``.
+    """
+    if drop_warnings:
+        text = drop_noise(text)
+    text = _SITE_PACKAGES.sub("site-packages/", text)
+    pattern = _path_pattern(paths)
+    if pattern is not None:
+        text = pattern.sub(lambda match: paths[match.group(0)], text)
+    return _OTHER_HOMES.sub("~", text)
+
+
+def _joined(value) -> str:
+    return "".join(value) if isinstance(value, list) else value
+
+
+def scrub_notebook(notebook, paths: dict[str, str]) -> None:
+    """Scrub every output of an executed notebook in place (see ``scrub_text``).
+
+    Consecutive stream outputs of one kind are merged first (so a warning and its quoted
+    source line are seen together), and a stream left empty is removed.
+    """
+    text_types = ("text/plain", "text/html", "text/markdown", "text/latex")
+    for cell in notebook.cells:
+        if "outputs" not in cell:
+            continue
+        outputs = []
+        for output in cell["outputs"]:
+            kind = output.get("output_type")
+            if kind == "stream":
+                previous = outputs[-1] if outputs else None
+                if previous is not None and previous.get("output_type") == "stream" \
+                        and previous.get("name") == output.get("name"):
+                    previous["text"] = _joined(previous["text"]) + _joined(output["text"])
+                    continue
+                output["text"] = _joined(output["text"])
+            outputs.append(output)
+        kept = []
+        for output in outputs:
+            kind = output.get("output_type")
+            if kind == "stream":
+                output["text"] = scrub_text(output["text"], paths)
+                if not output["text"].strip():
+                    continue
+            elif kind in ("display_data", "execute_result"):
+                data = output.get("data", {})
+                for mime in text_types:
+                    if mime in data:
+                        data[mime] = scrub_text(_joined(data[mime]), paths,
+                                                drop_warnings=mime == "text/plain")
+            elif kind == "error":
+                output["evalue"] = scrub_text(output.get("evalue", ""), paths, False)
+                output["traceback"] = [scrub_text(line, paths, False)
+                                       for line in output.get("traceback", [])]
+            kept.append(output)
+        cell["outputs"] = kept
+
+
+PAGE_STYLE = """
+.ferlib-provenance{font:12px/1.6 sans-serif;color:#444;background:#f6f8fa;
+  border:1px solid #d0d7de;border-radius:4px;padding:6px 10px;margin:0 0 1.5em}
+.ferlib-provenance span{display:inline-block;margin-right:1.4em}
+.ferlib-provenance code{font-size:11px}
+/* Wide tables scroll inside their own box instead of running off the page. */
+.jp-RenderedHTMLCommon table,div.output_html table,div.rendered_html table,table.results{
+  display:block;overflow-x:auto;max-width:100%;width:max-content}
+"""
+
+
+def provenance_header(provenance: dict) -> str:
+    """The box at the top of every page: what data, code, software and machine made it.
+
+    Parameters
+    ----------
+    provenance : dict
+        ``ferlib.runs.provenance(...)``.
+
+    Returns
+    -------
+    str
+        ``<div class="ferlib-provenance">...</div>``; long hashes are shortened with the full
+        value in a ``title`` attribute.
+    """
+    def text(key: str, missing: str = "unknown") -> str:
+        value = provenance.get(key)
+        return html.escape(str(value) if value not in (None, "") else missing)
+
+    sha = provenance.get("dataset_sha256") or ""
+    commit = provenance.get("git_commit")
+    commit_html = (f'<code title="{html.escape(commit)}">{html.escape(commit[:7])}</code>'
+                   + (" dirty" if provenance.get("git_dirty") else "")
+                   if commit else "<code>unknown</code>")
+    items = [
+        ("profile", f"<code>{text('profile')}</code>"),
+        ("data", f"<code>{text('dataset')}</code> sha256 "
+                 f'<code title="{html.escape(sha)}">{html.escape(sha[:12] or "unknown")}</code>'),
+        ("commit", commit_html),
+        ("software", f"TensorFlow {text('tensorflow', 'not installed')}, "
+                     f"Keras {text('keras', 'not installed')} "
+                     f"(backend {text('keras_backend')}), "
+                     f"keras-hub {text('keras_hub', 'not installed')}"),
+        ("machine", text("machine")),
+        ("date", html.escape(str(provenance.get("date") or "unknown").replace("T", " "))),
+    ]
+    spans = "\n".join(f"<span><b>{label}</b> {value}</span>" for label, value in items)
+    return f'<div class="ferlib-provenance">\n{spans}\n</div>\n'
+
+
+def add_provenance(page: str, provenance: dict) -> str:
+    """``page`` with ``PAGE_STYLE`` in its head and the provenance header first in its body."""
+    style = f"<style>{PAGE_STYLE}</style>\n"
+    page = page.replace("</head>", style + "</head>", 1) if "</head>" in page else style + page
+    header = provenance_header(provenance)
+    body = re.search(r"<body[^>]*>\s*(?:<main>\s*)?", page)
+    if body is None:
+        return header + page
+    return page[:body.end()] + header + page[body.end():]
+
+
+def render_html(notebook_path: Path, html_path: Path, provenance: dict,
+                paths: dict[str, str] | None = None) -> None:
+    """Render an executed notebook to standalone HTML (figures embedded, code hidden).
+
+    Parameters
+    ----------
+    notebook_path : Path
+        The executed notebook.
+    html_path : Path
+        Where the page goes (written atomically).
+    provenance : dict
+        ``ferlib.runs.provenance(...)``, shown in a header at the top of the page.
+    paths : dict, optional
+        ``machine_paths(...)`` for this run; default: the project root, home and temp folders.
+    """
     import nbformat
     from nbconvert import HTMLExporter
 
     notebook = nbformat.read(notebook_path, as_version=4)
-    for cell in notebook.cells:
-        outputs = []
-        for output in cell.get("outputs", []):
-            if output.get("output_type") == "stream" and output.get("name") == "stderr":
-                kept = [line for line in output["text"].splitlines(keepends=True)
-                        if not BACKEND_NOISE.match(line)]
-                if not "".join(kept).strip():
-                    continue
-                output["text"] = "".join(kept)
-            outputs.append(output)
-        if "outputs" in cell:
-            cell["outputs"] = outputs
+    scrub_notebook(notebook, machine_paths() if paths is None else paths)
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
-    body, _ = exporter.from_notebook_node(notebook)
-    atomic_write_text(html_path, body)
+    title = f"FER2013 study: {provenance.get('profile', '')} {Path(html_path).stem}"
+    body, _ = exporter.from_notebook_node(notebook, resources={"metadata": {"name": title}})
+    atomic_write_text(html_path, add_provenance(body, provenance))
 
 
 class _QuietStream:
     """Forward a stream but drop the backend's start-up chatter, line by line."""
 
     def __init__(self, stream):
-        self.stream, self.pending = stream, ""
+        self.stream, self.pending, self.noise = stream, "", _NoiseFilter()
 
     def write(self, text: str) -> int:
         lines = (self.pending + text).split("\n")
         self.pending = lines.pop()
         for line in lines:
-            if not BACKEND_NOISE.match(line):
+            if self.noise.keep(line):
                 self.stream.write(line + "\n")
         return len(text)
 
@@ -135,6 +429,13 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
         and ``reports/`` under the project).
     force : bool
         Re-execute every step even if its inputs are unchanged.
+
+    Notes
+    -----
+    A step's inputs are the resolved params, its notebook, the source of the ``ferlib``
+    modules it runs (``STEP_MODULES``), the dataset's hash and the result files its report
+    shows (``upstream_results``). Every page gets the same provenance header, computed once
+    here and also saved in ``runs/<profile>/manifest.json``.
     """
     overrides = list(overrides or [])
     params = load_params(profile, parse_overrides(overrides))
@@ -146,6 +447,9 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
 
     started = time.time()
     data_hash = source_hash(data_path)
+    env = environment()
+    origin = provenance(params, data_path, data_hash, env)
+    paths = machine_paths(run=run, reports=reports, data_path=data_path)
     run.mkdir(parents=True, exist_ok=True)
     write_yaml(run / "params.yaml", params)
     steps = plan(params)
@@ -156,11 +460,7 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
         notebook = NOTEBOOKS_DIR / notebook_name
         executed = run / "notebooks" / f"{step}.ipynb"
         html_file = reports / f"{step}.html"
-        # A train step's report depends on its model's results (which may have been trained
-        # outside the pipeline, e.g. with `ferlib train` or on a GPU box); compare on all.
-        upstream = ([f"models/{m}/metrics.json" for m in params["models"]]
-                    if step == "04_compare" else
-                    [f"models/{extra['model']}/metrics.json"] if "model" in extra else [])
+        upstream = upstream_results(params, step, extra)
         marker = run / "steps" / f"{step}.json"
         inputs = _step_inputs(params, notebook, data_hash, upstream, run)
         done = read_json(marker, {})
@@ -178,7 +478,7 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
         except StepFailed as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             return 1
-        render_html(executed, html_file)
+        render_html(executed, html_file, origin, paths)
         seconds = time.time() - step_started
         timings[step] = seconds
         # The compare step's inputs include the models' results, read again after training.
@@ -190,15 +490,29 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
         "profile": name, "seed": params["seed"], "data": {"path": str(data_path),
                                                           "sha256": data_hash},
         "steps": [s for s, _, _ in steps], "step_seconds": timings,
-        "wall_seconds": time.time() - started, "environment": environment(),
+        "wall_seconds": time.time() - started, "environment": env, "provenance": origin,
         "preprocess": read_json(run / "data_summary.json")})
-    write_index(params, run, reports, steps)
+    write_index(params, run, reports, steps, origin)
     say(f"done in {(time.time() - started) / 60:.1f} min: open {reports / 'index.html'}")
     return 0
 
 
-def write_index(params: dict, run: Path, reports: Path, steps) -> None:
-    """``index.html``: the headline table (from the compare step) and links to every report."""
+def write_index(params: dict, run: Path, reports: Path, steps, provenance: dict) -> None:
+    """``index.html``: the headline table (from the compare step) and links to every report.
+
+    Parameters
+    ----------
+    params : dict
+        Resolved parameters (``profile``, ``description``).
+    run : Path
+        The run directory (its ``compare/summary.csv``); shown as ``runs/<profile>``.
+    reports : Path
+        The report folder the page is written to.
+    steps : list
+        ``plan(params)``: the pages to link.
+    provenance : dict
+        ``ferlib.runs.provenance(...)``, shown in a header at the top of the page.
+    """
     import pandas as pd
 
     summary_file = run / "compare" / "summary.csv"
@@ -209,6 +523,7 @@ def write_index(params: dict, run: Path, reports: Path, steps) -> None:
     links = "\n".join(f'<li><a href="{html.escape(step)}.html">{html.escape(step)}</a></li>'
                       for step, _, _ in steps)
     description = html.escape(params.get("description") or "")
+    shown_run = scrub_text(str(run), machine_paths(run=run), drop_warnings=False)
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>FER2013 study: {params['profile']}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
@@ -223,7 +538,7 @@ border-bottom:1px solid #ddd;text-align:right}}</style></head><body>
 <h2>Reports</h2><ul>
 {links}
 </ul>
-<p>Run directory: <code>{html.escape(str(run))}</code> (params.yaml, manifest.json, models/).</p>
+<p>Run directory: <code>{html.escape(shown_run)}</code> (params.yaml, manifest.json, models/).</p>
 </body></html>
 """
-    atomic_write_text(reports / "index.html", page)
+    atomic_write_text(reports / "index.html", add_provenance(page, provenance))

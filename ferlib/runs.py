@@ -149,3 +149,50 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def gpu_names() -> list[str]:
+    """Names of the NVIDIA GPUs ``nvidia-smi`` sees (empty without a driver or a GPU)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 text=True, capture_output=True, check=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in listing.splitlines() if line.strip()]
+
+
+def provenance(params: dict, data_path: Path, data_hash: str, env: dict | None = None) -> dict:
+    """What produced a report, for the header of every rendered page and the manifest.
+
+    Parameters
+    ----------
+    params : dict
+        Resolved parameters (``profile`` is read).
+    data_path : Path
+        The dataset file or folder; only its name is kept, so no machine path leaks.
+    data_hash : str
+        Its sha256 (``ferlib.data.source_hash``).
+    env : dict, optional
+        ``environment()`` if already computed (it runs git), else computed here.
+
+    Returns
+    -------
+    dict
+        ``profile``, ``dataset`` (file name), ``dataset_sha256``, ``git_commit`` (full sha or
+        None outside git), ``git_dirty`` (uncommitted changes to tracked files),
+        ``tensorflow``, ``keras``, ``keras_hub`` (versions or None), ``keras_backend``,
+        ``machine`` (GPU names if any, CPU model and core count) and ``date``.
+    """
+    env = environment() if env is None else env
+    commit = env.get("git_commit") or ""
+    packages = env.get("packages", {})
+    cpu = f"{env.get('processor') or 'unknown CPU'} ({env.get('cpu_count') or '?'} cores)"
+    gpus = gpu_names()
+    machine = f"{', '.join(gpus)} GPU; {cpu}" if gpus else cpu
+    return {"profile": params["profile"], "dataset": Path(data_path).name,
+            "dataset_sha256": data_hash,
+            "git_commit": commit.removesuffix("-dirty") or None,
+            "git_dirty": commit.endswith("-dirty"),
+            "tensorflow": packages.get("tensorflow"), "keras": packages.get("keras"),
+            "keras_hub": packages.get("keras-hub"), "keras_backend": env.get("keras_backend"),
+            "machine": machine, "date": env.get("time")}

@@ -1,16 +1,261 @@
-"""The whole study on the smoke profile: notebooks, HTML reports, index, resume, failures."""
+"""The study runner: step fingerprints, scrubbing and provenance of the HTML (fast), and the
+whole study on the smoke profile: notebooks, HTML reports, index, resume, failures (slow)."""
 
+import ast
+import io
 import json
+import re
 import shutil
+from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 from PIL import Image
 
-from ferlib import EMOTIONS, pipeline
+from ferlib import EMOTIONS, pipeline, runs
+from ferlib.config import PROJECT_ROOT, load_params, parse_overrides
 
-pytestmark = pytest.mark.slow
+MACHINE_PATH = re.compile(r"/(home|root|tmp|work)/")
+HEADER_FIRST = re.compile(r'<body[^>]*>\s*(?:<main>\s*)?<div class="ferlib-provenance">')
+
+
+def header_of(page: str) -> str:
+    match = re.search(r'<div class="ferlib-provenance">.*?</div>', page, re.S)
+    assert match, "no provenance header"
+    return match.group(0)
+
+
+# --- step fingerprints ------------------------------------------------------------------------
+
+def fingerprints(params, run: Path) -> dict:
+    return {step: pipeline._step_inputs(params, pipeline.NOTEBOOKS_DIR / notebook, "data-hash",
+                                        pipeline.upstream_results(params, step, extra), run)
+            for step, notebook, extra in pipeline.plan(params)}
+
+
+def test_changing_a_module_reruns_exactly_the_steps_that_run_it(tmp_path, monkeypatch):
+    params = load_params("smoke")
+    versions: dict = {}
+    monkeypatch.setattr(pipeline, "code_hash", lambda *modules: runs.fingerprint(
+        {module: versions.get(module, 0) for module in sorted(modules)}))
+    before = fingerprints(params, tmp_path)
+    assert fingerprints(params, tmp_path) == before  # stable
+    steps = list(before)
+    notebooks = {step: notebook for step, notebook, _ in pipeline.plan(params)}
+    changed = {}
+    for source in sorted(pipeline.PACKAGE_DIR.glob("*.py")):
+        versions[source.stem] = 1
+        after = fingerprints(params, tmp_path)
+        versions[source.stem] = 0
+        changed[source.stem] = [step for step in steps if after[step] != before[step]]
+        assert changed[source.stem] == [
+            step for step in steps
+            if source.stem in pipeline.step_modules(notebooks[step])], source.stem
+    trains = [step for step in steps if step.startswith("03_train_")]
+    assert changed["data"] == changed["pipeline"] == steps
+    assert changed["train"] == ["02_preprocess", *trains, "04_compare"]
+    assert changed["apply"] == ["04_compare"]
+    assert changed["__main__"] == []  # the CLI runs no notebook
+
+
+def test_step_module_lists_decide_what_reruns(tmp_path, monkeypatch):
+    params = load_params("smoke")
+    before = fingerprints(params, tmp_path)
+    monkeypatch.setitem(pipeline.STEP_MODULES, "01_eda", ("config", "data"))
+    after = fingerprints(params, tmp_path)
+    assert [step for step in before if after[step] != before[step]] == ["01_eda"]
+
+
+def test_step_modules_skip_missing_files_and_cover_the_notebooks_imports():
+    explain_exists = (pipeline.PACKAGE_DIR / "explain.py").exists()
+    assert ("explain" in pipeline.step_modules("03_train")) == explain_exists
+    for notebook in sorted(pipeline.NOTEBOOKS_DIR.glob("0*.ipynb")):
+        modules = pipeline.step_modules(notebook.name)
+        assert all((pipeline.PACKAGE_DIR / f"{module}.py").exists() for module in modules)
+        imported = set()
+        for cell in nbformat.read(notebook, as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            source = "\n".join(line for line in cell.source.splitlines()
+                               if not line.lstrip().startswith(("%", "!")))
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.ImportFrom) and node.module == "ferlib":
+                    imported |= {alias.name for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                        "ferlib."):
+                    imported.add(node.module.split(".")[1])
+                elif isinstance(node, ast.Import):
+                    imported |= {alias.name.split(".")[1] for alias in node.names
+                                 if alias.name.startswith("ferlib.")}
+        imported = {name for name in imported if (pipeline.PACKAGE_DIR / f"{name}.py").exists()}
+        assert imported <= set(modules), f"{notebook.name}: {imported - set(modules)}"
+    with pytest.raises(ValueError, match="STEP_MODULES"):
+        pipeline.step_modules("99_unknown.ipynb")
+
+
+def test_upstream_results_follow_cross_validation(tmp_path):
+    params = load_params("smoke")
+    assert pipeline.upstream_results(params, "03_train_vit", {"model": "vit"}) == [
+        "models/vit/metrics.json"]
+    assert pipeline.upstream_results(params, "01_eda", {}) == []
+    cv_params = load_params("smoke", parse_overrides(["cv_folds=5"]))
+    assert pipeline.upstream_results(cv_params, "03_train_vit", {"model": "vit"}) == [
+        "models/vit/cv_metrics.json"]
+    assert pipeline.upstream_results(cv_params, "04_compare", {}) == [
+        f"models/{model}/cv_metrics.json" for model in cv_params["models"]]
+    before = fingerprints(cv_params, tmp_path)
+    runs.write_json(tmp_path / "models" / "vit" / "cv_metrics.json", {"accuracy": 0.5})
+    after = fingerprints(cv_params, tmp_path)
+    assert sorted(s for s in before if after[s] != before[s]) == ["03_train_vit", "04_compare"]
+
+
+# --- scrubbing and provenance -----------------------------------------------------------------
+
+KERAS_WARNING = (
+    "/work/main/.venv/lib/python3.11/site-packages/keras/src/trainers/data_adapters/"
+    "py_dataset_adapter.py:121: UserWarning: Your `PyDataset` class should call "
+    "`super().__init__(**kwargs)` in its constructor.\n"
+    "  self._warn_if_super_not_called()\n")
+TF_DEPRECATION = (
+    "WARNING:tensorflow:From /usr/lib/python3/dist-packages/tensorflow/python/profiler/"
+    "internal/flops_registry.py:140: tensor_shape_from_node_def_name (from tensorflow.python."
+    "framework.graph_util_impl) is deprecated and will be removed in a future version.\n"
+    "Instructions for updating:\n"
+    "This API was designed for TensorFlow v1. See https://www.tensorflow.org/guide/migrate\n")
+ABSL_NOISE = ("I0000 00:00:1718000000.123456   12345 cpu_feature_guard.cc:210] This TensorFlow "
+              "binary is optimized to use available CPU instructions.\n")
+
+
+@pytest.fixture()
+def machine(tmp_path, monkeypatch):
+    """A run directory, report folder and dataset in temporary folders, and a fake home."""
+    monkeypatch.setenv("HOME", "/home/alice")
+    monkeypatch.delenv("FERLIB_CACHE", raising=False)
+    run, reports = tmp_path / "runs" / "smoke", tmp_path / "reports" / "smoke"
+    data_path = tmp_path / "elsewhere" / "fer2013.csv"
+    paths = pipeline.machine_paths(run=run, reports=reports, data_path=data_path)
+    return run, reports, data_path, paths
+
+
+def test_scrub_text_replaces_machine_paths(machine):
+    run, reports, data_path, paths = machine
+    text = (f"loading {data_path}\nsaved {run}/models/vit/best.keras and {reports}/01_eda.html"
+            f"\nnotebooks in {PROJECT_ROOT}/notebooks. Keras config /home/alice/.keras/x.json, "
+            f"scratch {run.parent.parent}/x, /tmp/other, /home/bob/data\n")
+    scrubbed = pipeline.scrub_text(text, paths)
+    assert scrubbed == ("loading fer2013.csv\nsaved runs/smoke/models/vit/best.keras and "
+                        "reports/smoke/01_eda.html\nnotebooks in ./notebooks. Keras config "
+                        f"~/.keras/x.json, scratch $TMPDIR/{run.parent.parent.relative_to('/tmp')}"
+                        "/x, $TMPDIR/other, ~/data\n")
+    assert not MACHINE_PATH.search(scrubbed)
+    # only whole path components; URLs are not paths
+    kept = "/tmpfoo /workshop https://www.tensorflow.org/guide/migrate root of /usr/bin"
+    assert pipeline.scrub_text(kept, paths) == kept
+
+
+def test_data_inside_the_project_is_shown_relative_to_it(tmp_path):
+    paths = pipeline.machine_paths(data_path=PROJECT_ROOT / "data" / "fer2013" / "fer2013.zip")
+    assert pipeline.scrub_text(f"read {PROJECT_ROOT}/data/fer2013/fer2013.zip", paths) == (
+        "read data/fer2013/fer2013.zip")
+
+
+def test_scrub_text_drops_library_warnings_and_backend_noise(machine):
+    paths = machine[3]
+    text = ("epoch 1\n" + KERAS_WARNING + ABSL_NOISE + "epoch 2\n" + TF_DEPRECATION
+            + "parameters: 553,479\n")
+    assert pipeline.scrub_text(text, paths) == "epoch 1\nepoch 2\nparameters: 553,479\n"
+    # Elsewhere (a traceback) a site-packages path is kept but shortened.
+    trace = "File /work/main/.venv/lib/python3.11/site-packages/keras/src/x.py:3, in f\n"
+    assert pipeline.scrub_text(trace, paths, drop_warnings=False) == (
+        "File site-packages/keras/src/x.py:3, in f\n")
+
+
+def test_console_stream_drops_warnings_split_across_writes():
+    sink = io.StringIO()
+    stream = pipeline._QuietStream(sink)
+    for chunk in ("epoch 1\n" + KERAS_WARNING[:50], KERAS_WARNING[50:], TF_DEPRECATION,
+                  ABSL_NOISE, "done\n"):
+        stream.write(chunk)
+    assert sink.getvalue() == "epoch 1\ndone\n"
+
+
+def fake_environment(commit):
+    return {"git_commit": commit, "processor": "Some CPU", "cpu_count": 2,
+            "keras_backend": "tensorflow", "time": "2025-06-01T12:00:00+0000",
+            "packages": {"tensorflow": "2.21.0", "keras": "3.15.0", "keras-hub": "0.20.0"}}
+
+
+def test_provenance_dict_and_header():
+    sha = "0123456789abcdef" * 4
+    origin = runs.provenance({"profile": "smoke"}, Path("/somewhere/fer2013.zip"), sha,
+                             fake_environment("f" * 40 + "-dirty"))
+    assert origin["dataset"] == "fer2013.zip" and origin["dataset_sha256"] == sha
+    assert origin["git_commit"] == "f" * 40 and origin["git_dirty"] is True
+    assert origin["keras_hub"] == "0.20.0" and "Some CPU (2 cores)" in origin["machine"]
+    header = pipeline.provenance_header(origin)
+    assert f'title="{sha}">{sha[:12]}</code>' in header
+    assert "<b>commit</b> <code" in header and ">fffffff</code> dirty" in header
+    for fact in ("smoke", "TensorFlow 2.21.0", "Keras 3.15.0", "keras-hub 0.20.0", "tensorflow",
+                 "Some CPU", "2025-06-01"):
+        assert fact in header
+    outside_git = runs.provenance({"profile": "smoke"}, Path("fer2013.zip"), sha,
+                                  fake_environment(None))
+    assert outside_git["git_commit"] is None and not outside_git["git_dirty"]
+    assert "<code>unknown</code>" in pipeline.provenance_header(outside_git)
+    json.dumps(origin)  # goes into the manifest
+
+
+def test_render_html_scrubs_outputs_and_starts_with_the_header(machine, tmp_path):
+    run, reports, data_path, paths = machine
+    notebook = nbformat.v4.new_notebook()
+    wide = "<table><tr>" + "".join(f"<td>column {i}</td>" for i in range(40)) + "</tr></table>"
+    notebook.cells = [
+        nbformat.v4.new_markdown_cell("# A report"),
+        nbformat.v4.new_code_cell("x", outputs=[
+            nbformat.v4.new_output("stream", name="stdout", text=f"loading {data_path}\n"),
+            nbformat.v4.new_output("stream", name="stderr", text=KERAS_WARNING[:60]),
+            nbformat.v4.new_output("stream", name="stderr", text=KERAS_WARNING[60:] + ABSL_NOISE),
+            nbformat.v4.new_output("stream", name="stdout", text=TF_DEPRECATION),
+            nbformat.v4.new_output("display_data", data={
+                "text/html": f"{wide}<p>saved to {run}/figures</p>",
+                "text/plain": f"saved to {run}/figures"}),
+            nbformat.v4.new_output("display_data", data={
+                "text/markdown": f"Report folder `{reports}`"}),
+            nbformat.v4.new_output("execute_result", execution_count=1,
+                                   data={"text/plain": f"PosixPath('{PROJECT_ROOT}/x')"})])]
+    source = tmp_path / "executed.ipynb"
+    nbformat.write(notebook, source)
+    origin = runs.provenance({"profile": "smoke"}, data_path, "ab" * 32,
+                             fake_environment("c" * 40))
+    page_file = reports / "01_eda.html"
+    pipeline.render_html(source, page_file, origin, paths)
+    page = page_file.read_text()
+    assert HEADER_FIRST.search(page)
+    assert "ab" * 32 in header_of(page) and ">ccccccc</code>" in header_of(page)
+    assert not MACHINE_PATH.search(page), MACHINE_PATH.search(page)
+    for leak in ("site-packages", "dist-packages", "UserWarning", "Instructions for updating",
+                 "cpu_feature_guard", "alice"):
+        assert leak not in page, leak
+    for kept in ("loading fer2013.csv", "saved to runs/smoke/figures", "column 39",
+                 "reports/smoke", "./x"):
+        assert kept in page, kept
+    assert "overflow-x:auto" in page and ".jp-RenderedHTMLCommon table" in page
+
+
+def test_index_has_header_and_relative_run_directory(machine):
+    run, reports, data_path, _ = machine
+    params = load_params("smoke")
+    origin = runs.provenance(params, data_path, "ab" * 32, fake_environment(None))
+    pipeline.write_index(params, run, reports, pipeline.plan(params), origin)
+    page = (reports / "index.html").read_text()
+    assert HEADER_FIRST.search(page) and "ab" * 32 in header_of(page)
+    assert "Run directory: <code>runs/smoke</code>" in page
+    assert not MACHINE_PATH.search(page)
+    assert "table.results" in page and "overflow-x:auto" in page
+
+
+# --- the whole study (slow) -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +288,25 @@ def smoke_run(fixture_dataset, tmp_path_factory):
     patch.undo()
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_writes_every_report(smoke_run):
     code, work = smoke_run
     assert code == 0
     reports = work / "reports" / "smoke"
+    origin = json.loads((work / "runs" / "smoke" / "manifest.json").read_text())["provenance"]
+    commit = origin["git_commit"][:7] if origin["git_commit"] else "unknown"
     expected = ["index", "01_eda", "02_preprocess", "03_train_alexnet", "03_train_resnet50v2",
                 "03_train_vit", "04_compare"]
     for name in expected:
         page = (reports / f"{name}.html").read_text()
         assert len(page) > 1000, name
+        assert HEADER_FIRST.search(page), f"{name} does not start with the provenance header"
+        header = header_of(page)
+        assert origin["dataset_sha256"] in header and f">{commit}</code>" in header, name
+        leak = MACHINE_PATH.search(page)
+        assert not leak, f"{name}: {page[max(leak.start() - 200, 0):leak.end() + 200]}"
+        for noise in ("site-packages", "dist-packages", "cpu_feature_guard", "oneDNN"):
+            assert noise not in page, f"{name} shows {noise}"
         if name not in ("index",):
             assert "data:image/png;base64" in page, f"{name} has no embedded figure"
             assert "Traceback" not in page, f"{name} shows an error"
@@ -64,11 +319,14 @@ def test_smoke_pipeline_writes_every_report(smoke_run):
         assert heading in compare
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_artifacts(smoke_run):
     _, work = smoke_run
     run = work / "runs" / "smoke"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["sha256"] and manifest["environment"]["packages"]["keras"]
+    assert manifest["provenance"]["dataset_sha256"] == manifest["data"]["sha256"]
+    assert manifest["provenance"]["profile"] == "smoke"
     assert set(manifest["step_seconds"]) == {"01_eda", "02_preprocess", "03_train_alexnet",
                                              "03_train_resnet50v2", "03_train_vit",
                                              "04_compare"}
@@ -83,6 +341,7 @@ def test_smoke_pipeline_artifacts(smoke_run):
     assert len(list((run / "figures").glob("*.png"))) >= 10
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_steps(smoke_run, fixture_dataset, capsys, monkeypatch):
     _, work = smoke_run
     monkeypatch.setenv("FER2013_PATH", str(fixture_dataset))
@@ -92,9 +351,11 @@ def test_rerun_skips_finished_steps(smoke_run, fixture_dataset, capsys, monkeypa
                            reports_root=str(work / "reports"))
     assert code == 0
     output = capsys.readouterr().out
-    assert output.count("up to date, skipped") == 6
+    assert output.count("up to date, skipped") == 6, output
+    assert HEADER_FIRST.search((work / "reports" / "smoke" / "index.html").read_text())
 
 
+@pytest.mark.slow
 def test_failing_step_names_the_notebook(fixture_dataset, tmp_path, capsys, monkeypatch):
     notebooks = tmp_path / "notebooks"
     shutil.copytree(pipeline.NOTEBOOKS_DIR, notebooks)
