@@ -113,6 +113,8 @@ BACKEND_NOISE = re.compile(
     r"^(?:[IWE]\d{4} [\d:.]+ +\d+ \S+\] |WARNING: All log messages before absl|"
     r"To enable the following instructions|.*TqdmWarning: IProgress not found|"
     r"\s+from \.autonotebook|"
+    # tf.function retracing advice: about TensorFlow's graph cache, not about the study.
+    r"WARNING:tensorflow:.*triggered tf\.function retracing|"
     # "/.../site-packages/keras/src/x.py:12: UserWarning: ...", then the quoted source line.
     r"(?P<python_warning>.*(?:site|dist)-packages/\S+:\d+: \w*Warning\b)|"
     # "WARNING:tensorflow:From /.../site-packages/...: f is deprecated ...", then

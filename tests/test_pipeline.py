@@ -162,8 +162,10 @@ def test_data_inside_the_project_is_shown_relative_to_it(tmp_path):
 
 def test_scrub_text_drops_library_warnings_and_backend_noise(machine):
     paths = machine[3]
+    retracing = ("WARNING:tensorflow:5 out of the last 9 calls to <function f at 0x7f> "
+                 "triggered tf.function retracing. Tracing is expensive.\n")
     text = ("epoch 1\n" + KERAS_WARNING + ABSL_NOISE + "epoch 2\n" + TF_DEPRECATION
-            + "parameters: 553,479\n")
+            + retracing + "parameters: 553,479\n")
     assert pipeline.scrub_text(text, paths) == "epoch 1\nepoch 2\nparameters: 553,479\n"
     # Elsewhere (a traceback) a site-packages path is kept but shortened.
     trace = "File /work/main/.venv/lib/python3.11/site-packages/keras/src/x.py:3, in f\n"
@@ -353,6 +355,30 @@ def test_rerun_skips_finished_steps(smoke_run, fixture_dataset, capsys, monkeypa
     output = capsys.readouterr().out
     assert output.count("up to date, skipped") == 6, output
     assert HEADER_FIRST.search((work / "reports" / "smoke" / "index.html").read_text())
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_with_cross_validation(fixture_dataset, tmp_path, monkeypatch):
+    """cv_folds: 2 end to end: every fold is trained and shown, the compare step compares the
+    fold results, and no step trains a model that the reports do not show."""
+    monkeypatch.setenv("FER2013_PATH", str(fixture_dataset))
+    monkeypatch.setenv("FERLIB_CACHE", str(tmp_path / "cache"))
+    code = pipeline.report("smoke", overrides=["cv_folds=2", "models=[alexnet, vit]"],
+                           run_root=str(tmp_path / "runs"), reports_root=str(tmp_path / "reports"))
+    assert code == 0
+    run, reports = tmp_path / "runs" / "smoke", tmp_path / "reports" / "smoke"
+    for model in ("alexnet", "vit"):
+        directory = run / "models" / model
+        assert (directory / "cv_metrics.json").exists()
+        assert (directory / "fold1" / "metrics.json").exists()
+        assert (directory / "fold2" / "metrics.json").exists()
+        assert not (directory / "metrics.json").exists(), "an official-split model was trained"
+        page = (reports / f"03_train_{model}.html").read_text()
+        assert "Fold 1" in page and "Fold 2" in page and "2-fold cross-validation" in page
+    compare = (reports / "04_compare.html").read_text()
+    assert "(mean ± sd)" in compare and "paired t-test over folds" in compare
+    assert "k-fold ensemble" in compare
+    assert (run / "compare" / "cv_significance.csv").exists()
 
 
 @pytest.mark.slow
