@@ -3,13 +3,18 @@
 Two commands wrap the two functions of this module:
 
 ``python -m ferlib evaluate --model best.keras --data my_faces.zip``
-    :func:`evaluate`: metrics with bootstrap confidence intervals, a per-class report,
-    ``metrics.json`` and ``confusion_matrix.png`` for a dataset in any layout that
+    :func:`evaluate`: metrics with bootstrap confidence intervals (ECE included), a per-class
+    report, ``metrics.json`` and ``confusion_matrix.png`` for a dataset in any layout that
     :func:`ferlib.data.load_fer2013` reads. Every image of the source is used, whatever its
     split: to a model trained elsewhere, a user's dataset is all test data.
 ``python -m ferlib predict photo.jpg photos/ --model best.keras``
     :func:`predict`: finds faces with OpenCV's Haar cascade, crops them to 48x48 gray and
-    prints the most likely emotions per face, optionally drawing them onto copies of the images.
+    prints the most likely emotions per face, optionally drawing them onto copies of the images
+    and writing a saliency map per face (``--explain DIR``).
+
+Both use the temperature stored in ``calibration.json`` beside the model
+(``ferlib.calibration``) unless ``--no-calibration`` is given: the probabilities are then
+calibrated on PublicTest; the predicted classes are the same either way.
 
 TensorFlow, OpenCV and matplotlib are imported only when a command runs, so ``python -m ferlib
 --help`` stays fast.
@@ -75,13 +80,24 @@ def _model_file(model_path) -> Path:
     return model_path
 
 
-def _probabilities(model, images, tta=False):
-    from ferlib.metrics import tta_probabilities
+def _probabilities(model, images, tta=False, temperature=None):
+    from ferlib.metrics import apply_temperature, tta_probabilities
     from ferlib.train import predict_proba
 
-    if tta:
-        return tta_probabilities(lambda batch: predict_proba(model, batch), images)
-    return predict_proba(model, images)
+    def probabilities(batch):
+        proba = predict_proba(model, batch)
+        return proba if temperature is None else apply_temperature(proba, temperature)
+
+    if tta:  # each view calibrated, then averaged
+        return tta_probabilities(probabilities, images)
+    return probabilities(images)
+
+
+def _temperature(model_path, calibration):
+    """The stored temperature when ``calibration`` is on and one exists, else None."""
+    from ferlib.calibration import load_temperature
+
+    return load_temperature(model_path) if calibration else None
 
 
 def _number(value):
@@ -125,7 +141,7 @@ def _check_class_map(class_map):
 
 
 def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_boot=1000,
-             seed=0) -> dict:
+             seed=0, calibration=True) -> dict:
     """Score a saved model on every image of a labelled dataset.
 
     Classes absent from the dataset are left out of the macro averages, AUC, per-class report
@@ -149,23 +165,28 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
         Bootstrap resamples for the 95% confidence intervals; 0 skips them.
     seed : int
         Seed of the bootstrap.
+    calibration : bool
+        Scale the probabilities by the temperature in ``calibration.json`` beside the model,
+        if there is one.
 
     Returns
     -------
     dict
         JSON-ready: ``images``, ``per_split``, ``classes`` (present), ``absent_classes``,
-        ``accuracy``, ``accuracy_masked``, ``confidence_intervals`` (metric -> value, low,
-        high), ``auc_per_class``, ``per_class`` (class -> precision, recall, f1, support),
-        ``confusion_matrix`` and, when ``out`` is given, ``files``.
+        ``accuracy``, ``accuracy_masked``, ``temperature`` (None: uncalibrated),
+        ``confidence_intervals`` (metric -> value, low, high; ``ece`` is the top-label ECE
+        over all 7 outputs, 15 bins), ``auc_per_class``, ``per_class`` (class -> precision,
+        recall, f1, support), ``confusion_matrix`` and, when ``out`` is given, ``files``.
     """
     from ferlib import metrics
     from ferlib.data import SPLITS, load_fer2013
 
     _check_class_map(class_map)
     _model_file(model_path)
+    temperature = _temperature(model_path, calibration)
     data = load_fer2013(data_path, class_map=class_map, on_error="skip", cache=False)
     model = load_model(model_path)
-    proba = _probabilities(model, data.images, tta)
+    proba = _probabilities(model, data.images, tta, temperature)
 
     present = np.unique(data.labels)
     class_names = [EMOTIONS[k] for k in present]
@@ -178,6 +199,10 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
     masked = _intervals(masked_labels, masked_proba, SUMMARY_METRICS, n_boot, seed)
     intervals["accuracy_masked"] = masked.pop("accuracy")
     intervals.update(masked)
+    ece = metrics.ece_bootstrap_ci(data.labels, proba, n_boot=n_boot, seed=seed,
+                                   confidence=CONFIDENCE)
+    intervals["ece"] = {key: _number(value) if n_boot > 0 or key == "value" else None
+                        for key, value in ece.items()}
 
     masked_scores = metrics.classification_metrics(masked_labels, masked_proba)
     report = metrics.per_class_report(masked_labels, masked_predictions, class_names)
@@ -188,6 +213,7 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
         "per_split": {split: int((data.split == split).sum()) for split in SPLITS},
         "skipped": len(data.skipped), "skipped_examples": data.skipped[:20],
         "converted": int(data.converted), "class_map": class_map or {}, "tta": bool(tta),
+        "temperature": temperature,
         "bootstrap_resamples": int(n_boot), "seed": int(seed), "confidence": CONFIDENCE,
         "classes": class_names,
         "absent_classes": [name for name in EMOTIONS if name not in class_names],
@@ -249,8 +275,9 @@ def format_evaluation(result) -> str:
     names = {"accuracy": "accuracy (all 7 outputs)" if result["absent_classes"] else "accuracy",
              "accuracy_masked": "accuracy (absent masked)", "precision_macro": "precision (macro)",
              "recall_macro": "recall (macro)", "f1_macro": "F1 (macro)",
-             "auc_macro": "AUC (one-vs-rest, macro)"}
-    shown = [key for key in names if result["absent_classes"] or key != "accuracy_masked"]
+             "auc_macro": "AUC (one-vs-rest, macro)", "ece": "ECE (top label, 15 bins)"}
+    shown = [key for key in names if (result["absent_classes"] or key != "accuracy_masked")
+             and key in result["confidence_intervals"]]
     rows = []
     for key in shown:
         interval = result["confidence_intervals"][key]
@@ -258,6 +285,11 @@ def format_evaluation(result) -> str:
                             for v in (interval["value"], interval["low"], interval["high"]))
         rows.append({"metric": names[key], "value": value, "95% CI": f"[{low}, {high}]"})
     tta = ", test-time mirror averaging" if result["tta"] else ""
+    temperature = result.get("temperature")
+    lines.append(f"probabilities calibrated with the stored temperature T = {temperature:.3f} "
+                 f"(--no-calibration turns it off)" if temperature is not None else
+                 "probabilities uncalibrated (no calibration.json beside the model, or "
+                 "--no-calibration)")
     lines += ["", f"metrics ({result['bootstrap_resamples']} bootstrap resamples{tta}):",
               pd.DataFrame(rows).set_index("metric").to_string(), ""]
     report = pd.DataFrame(result["per_class"]).T
@@ -355,7 +387,8 @@ def _read_image(path):
         return image
 
 
-def predict(paths, model_path, *, detect=True, top=3, annotate=None) -> list[dict]:
+def predict(paths, model_path, *, detect=True, top=3, annotate=None, calibration=True,
+            explain=None, explain_method="auto") -> list[dict]:
     """Classify the faces in images.
 
     Parameters
@@ -370,26 +403,44 @@ def predict(paths, model_path, *, detect=True, top=3, annotate=None) -> list[dic
         How many of the most likely emotions to return per face.
     annotate : str or Path, optional
         Folder for a copy of each image with the boxes and top emotion drawn (PNG).
+    calibration : bool
+        Scale the probabilities by the temperature in ``calibration.json`` beside the model,
+        if there is one.
+    explain : str or Path, optional
+        Folder for one PNG per face: the 48x48 crop with its top emotion, beside the saliency
+        map of that emotion overlaid on it.
+    explain_method : str
+        Saliency method for ``explain``: ``auto`` (Grad-CAM), ``grad_cam`` or ``occlusion``
+        (see ``ferlib.explain``).
 
     Returns
     -------
     list of dict
         One per image file: ``path``, and either ``error`` (unreadable file) or ``size``
-        (width, height), ``faces`` (each ``box`` as x, y, width, height and ``emotions``, the
-        ``top`` most likely as ``{"emotion", "probability"}``, most likely first) and, with
-        ``annotate``, ``annotated`` (the written file).
+        (width, height), ``temperature`` (None: uncalibrated), ``faces`` (each ``box`` as x,
+        y, width, height and ``emotions``, the ``top`` most likely as ``{"emotion",
+        "probability"}``, most likely first, and with ``explain``, ``explanation``, the
+        written file) and, with ``annotate``, ``annotated`` (the written file).
     """
     if not 1 <= top <= NUM_CLASSES:
         raise ValueError(f"top must be between 1 and {NUM_CLASSES}; got {top}")
     _model_file(model_path)
+    if explain is not None:
+        from ferlib.explain import METHODS
+
+        if explain_method not in METHODS:
+            raise ValueError(f"explain_method: unknown saliency method {explain_method!r}; "
+                             f"allowed values: {', '.join(METHODS)}")
     files = image_files(paths)
     if not files:
         raise ValueError("no images given")
+    temperature = _temperature(model_path, calibration)
     model = load_model(model_path)
     detector = face_detector() if detect else None
-    if annotate is not None:
-        Path(annotate).mkdir(parents=True, exist_ok=True)
-    results, used_names = [], set()
+    for folder in (annotate, explain):
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+    results, used_names, used_explanations = [], set(), set()
     for path in files:
         try:
             image = _read_image(path)
@@ -404,17 +455,81 @@ def predict(paths, model_path, *, detect=True, top=3, annotate=None) -> list[dic
         if boxes:
             crops = np.stack([crop_face(gray, box, margin=FACE_MARGIN if detect else 0.0)
                               for box in boxes])
-            for box, probabilities in zip(boxes, _probabilities(model, crops)):
+            proba = _probabilities(model, crops, temperature=temperature)
+            for box, probabilities in zip(boxes, proba):
                 best = np.argsort(-probabilities, kind="stable")[:top]
                 faces.append({"box": list(box), "emotions": [
                     {"emotion": EMOTIONS[k], "probability": float(probabilities[k])}
                     for k in best]})
-        result = {"path": str(path), "size": [width, height], "faces": faces}
+            if explain is not None:
+                _explain_faces(model, crops, proba, faces, Path(path).stem, Path(explain),
+                               explain_method, used_explanations)
+        result = {"path": str(path), "size": [width, height], "temperature": temperature,
+                  "faces": faces}
         if annotate is not None:
             name = _unique_name(Path(path).stem, used_names)
             result["annotated"] = str(draw_faces(image, faces, Path(annotate) / name))
         results.append(result)
     return results
+
+
+def _explain_faces(model, crops, proba, faces, stem, folder, method, used_names):
+    """Write one saliency PNG per face (its top emotion explained); add ``explanation``."""
+    from ferlib.explain import saliency
+
+    classes = np.argsort(-proba, axis=1, kind="stable")[:, 0]
+    maps = saliency(model, crops, method=method, class_index=classes)
+    for number, (face, crop, saliency_map) in enumerate(zip(faces, crops, maps), start=1):
+        name = _unique_name(f"{stem}-face{number}", used_names)
+        best = face["emotions"][0]
+        face["explanation"] = str(draw_explanation(
+            crop, saliency_map, f"{best['emotion']} {best['probability']:.0%}", folder / name))
+
+
+def draw_explanation(crop, saliency_map, label, path, scale=4, alpha=0.45) -> Path:
+    """Save the face crop with its label beside the crop with the saliency map overlaid.
+
+    Parameters
+    ----------
+    crop : ndarray, uint8, shape (48, 48) or (48, 48, 1)
+    saliency_map : ndarray, shape (48, 48)
+        Values in [0, 1].
+    label : str
+        Written on the crop, e.g. "happy 87%".
+    path : str or Path
+        Destination (PNG).
+    scale : int
+        Enlargement of the 48x48 crop.
+    alpha : float
+        Opacity of the map (jet colours) over the face.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    gray = np.asarray(crop, dtype=np.uint8).reshape(crop.shape[0], crop.shape[1])
+    size = (gray.shape[1] * scale, gray.shape[0] * scale)
+    face = Image.fromarray(gray).convert("RGB").resize(size, Image.BILINEAR)
+    heat = colormaps["jet"](np.clip(np.nan_to_num(saliency_map), 0, 1))[..., :3]
+    heat = Image.fromarray((heat * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
+    overlay = Image.blend(face, heat, alpha)
+    draw = ImageDraw.Draw(face)
+    try:
+        font = ImageFont.load_default(size=max(10, size[1] // 12))
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        font = ImageFont.load_default()
+    left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+    draw.rectangle((0, 0, right - left + 6, bottom + 4), fill=(255, 64, 64))
+    draw.text((3, 1), label, fill=(255, 255, 255), font=font)
+    canvas = Image.new("RGB", (size[0] * 2 + scale, size[1]), (255, 255, 255))
+    canvas.paste(face, (0, 0))
+    canvas.paste(overlay, (size[0] + scale, 0))
+    path = Path(path)
+    canvas.save(path, format="PNG")
+    return path
 
 
 def _unique_name(stem, used_names):
@@ -486,14 +601,15 @@ def format_prediction(result) -> str:
 def _evaluate_command(args) -> int:
     result = evaluate(args.model, args.data, out=args.out,
                       class_map=parse_class_map(args.class_map), tta=args.tta,
-                      n_boot=args.bootstrap, seed=args.seed)
+                      n_boot=args.bootstrap, seed=args.seed, calibration=args.calibration)
     print(format_evaluation(result))
     return 0
 
 
 def _predict_command(args) -> int:
     results = predict(args.images, args.model, detect=args.detect, top=args.top,
-                      annotate=args.annotate)
+                      annotate=args.annotate, calibration=args.calibration,
+                      explain=args.explain, explain_method=args.explain_method)
     failed = [result for result in results if "error" in result]
     for result in failed:
         print(f"error: {format_prediction(result)}", file=sys.stderr)
@@ -535,6 +651,9 @@ def add_commands(commands) -> None:
     evaluate_parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                                  help="bootstrap resamples for the CIs (default 1000; 0: none)")
     evaluate_parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    evaluate_parser.add_argument("--no-calibration", dest="calibration", action="store_false",
+                                 help="ignore the temperature in calibration.json beside the "
+                                      "model (default: use it when present)")
     evaluate_parser.set_defaults(handler=_evaluate_command)
 
     predict_parser = commands.add_parser(
@@ -551,4 +670,13 @@ def add_commands(commands) -> None:
                                 help="folder for copies of the images with boxes and labels")
     predict_parser.add_argument("--top", type=int, default=3,
                                 help="emotions shown per face (default 3)")
+    predict_parser.add_argument("--no-calibration", dest="calibration", action="store_false",
+                                help="ignore the temperature in calibration.json beside the "
+                                     "model (default: use it when present)")
+    predict_parser.add_argument("--explain", metavar="OUT",
+                                help="folder for one PNG per face: the crop beside its "
+                                     "saliency map for the top emotion")
+    predict_parser.add_argument("--explain-method", default="auto",
+                                choices=("auto", "grad_cam", "occlusion"),
+                                help="saliency method for --explain (default auto: Grad-CAM)")
     predict_parser.set_defaults(handler=_predict_command)

@@ -392,3 +392,273 @@ def tta_probabilities(predict_proba, images, flip=True, crops=0):
     total = sum(np.asarray(predict_proba(np.ascontiguousarray(view)), dtype=np.float64)
                 for view in views)
     return total / len(views)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def _top_label(y_true, proba):
+    y_true, proba = _check_inputs(y_true, proba)
+    return y_true, proba.max(axis=1), (proba.argmax(axis=1) == y_true).astype(np.float64)
+
+
+def _bin_index(confidence, bins):
+    """Equal-width bins ((m-1)/M, m/M], m = 1..M, as in Guo et al. (2017); 0 goes to the first."""
+    if bins < 1:
+        raise ValueError(f"bins must be a positive integer; got {bins}")
+    return np.clip(np.ceil(np.asarray(confidence) * bins).astype(np.int64) - 1, 0, bins - 1)
+
+
+def _binned_gap(confidence, outcome, bins):
+    """Binned calibration gap of scores against 0/1 outcomes: sum over bins of
+    |sum(outcome - confidence)| / N."""
+    if not len(confidence):
+        return float("nan")
+    gaps = np.bincount(_bin_index(confidence, bins), weights=outcome - confidence,
+                       minlength=bins)
+    return float(np.abs(gaps).sum() / len(confidence))
+
+
+def expected_calibration_error(y_true, proba, bins=15):
+    """Top-label expected calibration error with equal-width confidence bins.
+
+    Parameters
+    ----------
+    y_true : array_like of int, shape (N,)
+    proba : array_like, shape (N, C)
+    bins : int
+        Number of equal-width bins over [0, 1] (15, as in Guo et al. 2017).
+
+    Returns
+    -------
+    float
+        Sum over bins of (bin size / N) x |accuracy in bin - mean confidence in bin|; the
+        confidence is the top probability and "correct" means the top class is the label.
+    """
+    _, confidence, correct = _top_label(y_true, proba)
+    return _binned_gap(confidence, correct, bins)
+
+
+def classwise_ece(y_true, proba, bins=15):
+    """Class-wise ECE (Kull et al. 2019): every class's probability binned against its frequency.
+
+    Parameters
+    ----------
+    y_true : array_like of int, shape (N,)
+    proba : array_like, shape (N, C)
+    bins : int
+
+    Returns
+    -------
+    float
+        Mean over the C classes of the binned |frequency of the class - mean probability|.
+    """
+    y_true, proba = _check_inputs(y_true, proba)
+    return float(np.mean([_binned_gap(proba[:, k], (y_true == k).astype(np.float64), bins)
+                          for k in range(proba.shape[1])]))
+
+
+def brier_score(y_true, proba):
+    """Multiclass Brier score: mean over samples of the squared distance to the one-hot label.
+
+    Parameters
+    ----------
+    y_true : array_like of int, shape (N,)
+    proba : array_like, shape (N, C)
+
+    Returns
+    -------
+    float
+        In [0, 2]; 0 for certain, correct predictions.
+    """
+    y_true, proba = _check_inputs(y_true, proba)
+    one_hot = np.eye(proba.shape[1])[y_true]
+    return float(((proba - one_hot) ** 2).sum(axis=1).mean())
+
+
+def negative_log_likelihood(y_true, proba, eps=1e-12):
+    """Mean negative log probability of the true class (probabilities clipped at `eps`).
+
+    Parameters
+    ----------
+    y_true : array_like of int, shape (N,)
+    proba : array_like, shape (N, C)
+    eps : float
+
+    Returns
+    -------
+    float
+    """
+    y_true, proba = _check_inputs(y_true, proba)
+    return float(-np.log(np.clip(proba[np.arange(len(y_true)), y_true], eps, 1)).mean())
+
+
+def ece_bootstrap_ci(y_true, proba, n_boot=1000, seed=0, bins=15, confidence=0.95):
+    """Top-label ECE with a percentile bootstrap interval over resampled test sets.
+
+    Parameters
+    ----------
+    y_true : array_like of int, shape (N,)
+    proba : array_like, shape (N, C)
+    n_boot : int
+        Number of resamples.
+    seed : int
+        Seed of the numpy Generator drawing the resamples.
+    bins : int
+    confidence : float
+        Central interval mass.
+
+    Returns
+    -------
+    dict
+        value (ECE on the full set), low, high as Python floats.
+    """
+    _, scores, correct = _top_label(y_true, proba)
+    num_samples = len(scores)
+    value = _binned_gap(scores, correct, bins)
+    if n_boot <= 0 or not num_samples:
+        return {"value": value, "low": float("nan"), "high": float("nan")}
+    # A resample's ECE is sum over bins of |sum of its weights x (correct - confidence)| / N:
+    # one matrix product per chunk of resamples.
+    cell = np.eye(bins)[_bin_index(scores, bins)] * (correct - scores)[:, None]   # (N, bins)
+    rng = np.random.default_rng(seed)
+    chunk_size = max(1, 2_000_000 // max(num_samples, 1))
+    values = []
+    for start in range(0, n_boot, chunk_size):
+        size = min(chunk_size, n_boot - start)
+        draws = rng.integers(0, num_samples, size=(size, num_samples))
+        offsets = np.arange(size)[:, None] * num_samples
+        weights = np.bincount((draws + offsets).ravel(), minlength=size * num_samples)
+        weights = weights.reshape(size, num_samples).astype(np.float64)
+        values.append(np.abs(weights @ cell).sum(axis=1) / num_samples)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(np.concatenate(values), [tail, 100 - tail])
+    return {"value": value, "low": float(low), "high": float(high)}
+
+
+def reliability_bins(y_true, proba, bins=15):
+    """Per confidence bin: mean top-label confidence, accuracy and count (a reliability diagram).
+
+    Parameters
+    ----------
+    y_true : array_like of int, shape (N,)
+    proba : array_like, shape (N, C)
+    bins : int
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per bin, empty bins included: bin (0-based), lower, upper (edges),
+        confidence and accuracy (NaN for an empty bin), count.
+    """
+    _, scores, correct = _top_label(y_true, proba)
+    index = _bin_index(scores, bins)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, weights=scores, minlength=bins) / count
+        accuracy = np.bincount(index, weights=correct, minlength=bins) / count
+    edges = np.linspace(0, 1, bins + 1)
+    return pd.DataFrame({"bin": np.arange(bins), "lower": edges[:-1], "upper": edges[1:],
+                         "confidence": mean_confidence, "accuracy": accuracy,
+                         "count": count.astype(int)})
+
+
+def _log_probabilities(logits_or_proba, from_logits=None):
+    """Log-probabilities from logits or probabilities (rows of non-negative numbers summing to
+    1 are taken as probabilities unless `from_logits` says otherwise)."""
+    values = np.asarray(logits_or_proba, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"expected an (N, num_classes) array of logits or probabilities; got "
+                         f"shape {values.shape}")
+    if from_logits is None:
+        from_logits = not (values.min() >= 0 and np.allclose(values.sum(axis=1), 1, atol=1e-4))
+    if from_logits:
+        shifted = values - values.max(axis=1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return np.log(np.clip(values, np.finfo(np.float64).tiny, None))
+
+
+def apply_temperature(proba, temperature, from_logits=False):
+    """Temperature scaling: softmax(log p / T), the same as dividing the logits by T.
+
+    Parameters
+    ----------
+    proba : array_like, shape (N, C)
+        Probabilities (or logits with ``from_logits=True``).
+    temperature : float
+        T > 0; T > 1 softens over-confident predictions. The argmax, and so the accuracy,
+        does not change.
+    from_logits : bool
+
+    Returns
+    -------
+    numpy.ndarray, shape (N, C)
+        Probabilities.
+    """
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number; got {temperature}")
+    return softmax(_log_probabilities(proba, from_logits) / temperature)
+
+
+def fit_temperature(logits_or_proba, y_true, bounds=(0.05, 20.0), from_logits=None):
+    """The temperature minimising the negative log-likelihood (Guo et al. 2017).
+
+    Fit it on validation data (PublicTest here), never on the data it is evaluated on.
+
+    Parameters
+    ----------
+    logits_or_proba : array_like, shape (N, C)
+        Logits or probabilities (detected: non-negative rows summing to 1 are probabilities;
+        ``from_logits`` overrides).
+    y_true : array_like of int, shape (N,)
+    bounds : tuple of float
+        Search interval for T (searched on log T).
+    from_logits : bool, optional
+
+    Returns
+    -------
+    float
+        T; a value at a bound means the optimum lies beyond it.
+    """
+    from scipy.optimize import minimize_scalar
+
+    log_proba = _log_probabilities(logits_or_proba, from_logits)
+    y_true, log_proba = _check_inputs(y_true, log_proba)
+    if not len(y_true):
+        raise ValueError("fit_temperature: no samples to fit on")
+    true_class = log_proba[np.arange(len(y_true)), y_true]
+
+    def nll(log_temperature):
+        scaled = log_proba / np.exp(log_temperature)
+        top = scaled.max(axis=1)
+        log_normaliser = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
+        return float(np.mean(log_normaliser - true_class / np.exp(log_temperature)))
+
+    low, high = np.log(bounds[0]), np.log(bounds[1])
+    result = minimize_scalar(nll, bounds=(low, high), method="bounded",
+                             options={"xatol": 1e-6})
+    return float(np.exp(result.x))
+
+
+def calibration_metrics(y_true, proba, bins=15, n_boot=1000, seed=0):
+    """Accuracy, top-label ECE with its bootstrap CI, class-wise ECE, Brier score and NLL.
+
+    Parameters
+    ----------
+    y_true : array_like of int, shape (N,)
+    proba : array_like, shape (N, C)
+    bins : int
+    n_boot : int
+        Resamples for the ECE interval; 0 gives NaN bounds.
+    seed : int
+
+    Returns
+    -------
+    dict
+        accuracy, ece, ece_low, ece_high, classwise_ece, brier, nll (Python floats).
+    """
+    y_true, proba = _check_inputs(y_true, proba)
+    ece = ece_bootstrap_ci(y_true, proba, n_boot=n_boot, seed=seed, bins=bins)
+    return {"accuracy": float((proba.argmax(axis=1) == y_true).mean()),
+            "ece": ece["value"], "ece_low": ece["low"], "ece_high": ece["high"],
+            "classwise_ece": classwise_ece(y_true, proba, bins),
+            "brier": brier_score(y_true, proba), "nll": negative_log_likelihood(y_true, proba)}

@@ -547,3 +547,161 @@ def table(frame, precision: int = 3):
     return (frame.style.hide(axis="index").format(precision=precision, na_rep="–",
                                                    thousands=",")
             .set_table_attributes('class="ferlib-table"'))
+
+
+# ------------------------------------------------------------------- calibration and saliency
+
+def _ece_from_bins(bins):
+    """Top-label ECE from a reliability table (``ferlib.metrics.reliability_bins``)."""
+    counts = np.asarray(bins["count"], dtype=float)
+    gaps = np.abs(np.nan_to_num(np.asarray(bins["accuracy"], dtype=float)
+                                - np.asarray(bins["confidence"], dtype=float)))
+    return float((counts * gaps).sum() / counts.sum()) if counts.sum() else float("nan")
+
+
+def reliability_diagram(bins_by_model, overlay=False, title="Reliability diagram"):
+    """Accuracy against confidence per bin, with the diagonal of perfect calibration.
+
+    Parameters
+    ----------
+    bins_by_model : dict
+        Model name -> a ``ferlib.metrics.reliability_bins`` frame, or -> a dict of such frames
+        drawn in the same panel (e.g. ``{"before": ..., "after (T=1.6)": ...}``).
+    overlay : bool
+        False: one panel per model, accuracy per bin as bars (outlined gap to the diagonal) or
+        as lines for several curves. True: every curve in one panel.
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The ECE of each curve (recomputed from the bins) is in its legend entry.
+    """
+    panels = {_display_name(name): (curves if isinstance(curves, dict) else {"": curves})
+              for name, curves in bins_by_model.items()}
+    if not panels:
+        raise ValueError("bins_by_model: no model to draw")
+    if overlay:
+        panels = {"": {" ".join(part for part in (model, label) if part): frame
+                       for model, curves in panels.items() for label, frame in curves.items()}}
+    fig, axes = _figure(1, len(panels), figsize=(4.2 * len(panels) + 0.6, 4.4))
+    for ax, (model, curves) in zip(axes[0], panels.items()):
+        ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1,
+                label="perfect calibration")
+        for label, frame in curves.items():
+            used = frame[frame["count"] > 0]
+            ece = _ece_from_bins(frame)
+            name = f"{label}: ECE {ece:.3f}" if label else f"ECE {ece:.3f}"
+            if len(curves) == 1 and not overlay:
+                width = (frame["upper"] - frame["lower"]).iloc[0]
+                centres = (used["lower"] + used["upper"]) / 2
+                ax.bar(centres, used["accuracy"], width=width * 0.95, label=name,
+                       color="tab:blue", alpha=0.8)
+                ax.bar(centres, used["confidence"] - used["accuracy"],
+                       bottom=used["accuracy"], width=width * 0.95, fill=False,
+                       edgecolor="tab:red", hatch="//", linewidth=0.6, label="gap")
+            else:
+                ax.plot(used["confidence"], used["accuracy"], marker="o", markersize=3,
+                        label=name)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("Confidence (top probability)")
+        ax.set_ylabel("Accuracy")
+        if model:
+            ax.set_title(model)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(title)
+    return fig
+
+
+def _overlay(ax, image, saliency_map, cmap, alpha):
+    ax.imshow(_as_gray(image), cmap="gray", vmin=0, vmax=255)
+    if saliency_map is not None and np.isfinite(saliency_map).any():
+        ax.imshow(saliency_map, cmap=cmap, alpha=alpha, vmin=0,
+                  vmax=max(float(np.nanmax(saliency_map)), 1e-12))
+
+
+def saliency_grid(images, maps, titles=None, num_columns=8, cmap="jet", alpha=0.45,
+                  title="Saliency"):
+    """Faces with their saliency maps overlaid, in rows of ``num_columns``.
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        uint8 (N, 48, 48) or (N, 48, 48, 1).
+    maps : numpy.ndarray, shape (N, 48, 48)
+        Maps in [0, 1] (``ferlib.explain.saliency``).
+    titles : sequence of str, optional
+        One caption per face (e.g. ``ferlib.explain.select_faces(...)["title"]``).
+    num_columns : int
+    cmap : str
+        Colour map of the overlay ("jet", "inferno", ...).
+    alpha : float
+        Opacity of the overlay.
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    images, maps = np.asarray(images), np.asarray(maps)
+    if len(images) != len(maps):
+        raise ValueError(f"saliency_grid: {len(images)} images but {len(maps)} maps")
+    titles = list(titles) if titles is not None else [None] * len(images)
+    num_rows = max(1, -(-len(images) // num_columns))
+    fig, axes = _image_grid(num_rows, num_columns, cell_size=1.5)
+    for ax, image, saliency_map, caption in zip(axes.flat, images, maps, titles):
+        _overlay(ax, image, saliency_map, cmap, alpha)
+        if caption:
+            ax.set_title(caption, fontsize=7)
+    for ax in list(axes.flat)[len(images):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    return fig
+
+
+def mean_saliency_maps(maps_by_model, class_names=EMOTIONS, background=None, cmap="inferno",
+                       alpha=0.6, title="Mean saliency per class"):
+    """Per-class mean saliency maps: one row per model, one column per class.
+
+    Parameters
+    ----------
+    maps_by_model : dict of str -> numpy.ndarray, shape (C, 48, 48)
+        From ``ferlib.explain.mean_maps_by_class``; a NaN map (no images) is left blank.
+    class_names : sequence of str
+    background : numpy.ndarray, optional
+        A (48, 48) face (e.g. the mean test image) drawn under the maps.
+    cmap : str
+    alpha : float
+        Opacity of the maps over ``background``.
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Each map scaled to its own maximum, so the panels show where, not how much.
+    """
+    if not maps_by_model:
+        raise ValueError("maps_by_model: no model to draw")
+    fig, axes = _image_grid(len(maps_by_model), len(class_names), cell_size=1.5)
+    for row, (model, maps) in enumerate(maps_by_model.items()):
+        maps = np.asarray(maps, dtype=float)
+        if maps.shape[0] != len(class_names):
+            raise ValueError(f"maps_by_model[{model!r}]: {maps.shape[0]} maps for "
+                             f"{len(class_names)} classes")
+        for column, saliency_map in enumerate(maps):
+            ax = axes[row, column]
+            if not np.isfinite(saliency_map).any():
+                ax.text(0.5, 0.5, "no images", ha="center", va="center", fontsize=7,
+                        transform=ax.transAxes)
+            elif background is not None:
+                _overlay(ax, background, saliency_map, cmap, alpha)
+            else:
+                ax.imshow(saliency_map, cmap=cmap, vmin=0,
+                          vmax=max(float(np.nanmax(saliency_map)), 1e-12))
+            if row == 0:
+                ax.set_title(class_names[column], fontsize=9)
+        axes[row, 0].set_ylabel(_display_name(model), fontsize=9)
+    fig.suptitle(title)
+    return fig

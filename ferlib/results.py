@@ -475,3 +475,58 @@ def recipe_experiments(path: Path = EXPERIMENTS_FILE) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; expected {EXPERIMENT_COLUMNS}")
     return frame[EXPERIMENT_COLUMNS]
+
+
+def calibration_table(results: dict[str, ModelResult], n_boot: int = 1000, seed: int = 0,
+                      bins: int = 15) -> pd.DataFrame:
+    """PrivateTest calibration per model before and after temperature scaling on PublicTest.
+
+    A model trained on the official split is read from (or, when missing or stale, written
+    to) ``calibration.json`` in its folder (``ferlib.calibration.calibrate_model_dir``). A
+    cross-validated model is calibrated on the fly: the temperature is fitted on its pooled
+    out-of-fold predictions and applied to the fold ensemble's PrivateTest probabilities.
+
+    Parameters
+    ----------
+    results : dict of str to ModelResult
+        From :func:`load_results`.
+    n_boot : int
+        Bootstrap resamples for the ECE intervals.
+    seed : int
+        Seed of the bootstrap.
+    bins : int
+        Equal-width confidence bins of the ECE.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per model: model, temperature, accuracy (a temperature does not change it),
+        ece_before / ece_after with ``_low``, ``_high`` and ``_ci`` ("[low, high]"),
+        classwise_ece, brier and nll before and after, evaluated_on.
+    """
+    from ferlib.calibration import calibrate_model_dir, calibration_report
+
+    rows = []
+    for result in results.values():
+        if result.folds is None:
+            report = calibrate_model_dir(result.directory, bins=bins, n_boot=n_boot, seed=seed)
+        else:
+            predictions = result.predictions
+            report = calibration_report(predictions["val_labels"], predictions["val_proba"],
+                                        predictions.get("test_labels"),
+                                        predictions.get("test_proba"), bins=bins,
+                                        n_boot=n_boot, seed=seed)
+        before, after = report["before"], report["after"]
+        row = {"model": result.display_name, "temperature": round(report["temperature"], 3),
+               "accuracy": round(before["accuracy"], 4)}
+        for stage, values in (("before", before), ("after", after)):
+            row[f"ece_{stage}"] = round(values["ece"], 4)
+            row[f"ece_{stage}_low"], row[f"ece_{stage}_high"] = values["ece_low"], \
+                values["ece_high"]
+            row[f"ece_{stage}_ci"] = f"[{values['ece_low']:.3f}, {values['ece_high']:.3f}]"
+        for metric in ("classwise_ece", "brier", "nll"):
+            for stage, values in (("before", before), ("after", after)):
+                row[f"{metric}_{stage}"] = round(values[metric], 4)
+        row["evaluated_on"] = report["evaluated_on"]
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,6 +1,7 @@
 """Tests for ferlib.apply: the evaluate and predict commands on a tiny model and made-up images."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +180,64 @@ def test_predict_detects_a_real_face(model_path, tmp_path):
     assert result["size"] == [512, 600]
     assert 100 < x < 200 and 50 < y < 150 and 150 < width < 300  # her face, not the flag
     assert Image.open(result["annotated"]).size == (512, 600)
+
+
+@pytest.fixture
+def calibrated_model(model_path, tmp_path):
+    """A copy of the tiny model with a stored temperature of 3 beside it."""
+    import shutil
+
+    folder = tmp_path / "calibrated"
+    folder.mkdir()
+    path = Path(shutil.copy(model_path, folder / "best.keras"))
+    (folder / "calibration.json").write_text(json.dumps({"temperature": 3.0}))
+    return path
+
+
+def test_evaluate_uses_the_stored_temperature_and_reports_ece(calibrated_model, tmp_path,
+                                                              capsys):
+    data = make_dataset(tmp_path / "faces", ["happy", "sad"], per_class=3)
+
+    code = main(["evaluate", "--model", str(calibrated_model), "--data", str(data),
+                 "--out", str(tmp_path / "evaluation"), "--bootstrap", "30"])
+
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "stored temperature T = 3.000" in printed and "ECE (top label, 15 bins)" in printed
+    calibrated = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert calibrated["temperature"] == 3.0
+    ece = calibrated["confidence_intervals"]["ece"]
+    assert ece["low"] <= ece["value"] <= ece["high"]
+
+    plain = apply.evaluate(calibrated_model, data, n_boot=0, calibration=False)
+    assert plain["temperature"] is None and plain["confidence_intervals"]["ece"]["low"] is None
+    assert plain["accuracy"] == calibrated["accuracy"]
+    assert plain["confidence_intervals"]["ece"]["value"] != ece["value"]
+
+
+def test_predict_explain_writes_a_saliency_png_per_face(calibrated_model, crops, tmp_path):
+    results = apply.predict(crops[:2], calibrated_model, detect=False, top=7,
+                            explain=tmp_path / "explained")
+    plain = apply.predict(crops[:2], calibrated_model, detect=False, top=7, calibration=False)
+
+    for result, uncalibrated in zip(results, plain):
+        (face,) = result["faces"]
+        assert result["temperature"] == 3.0 and uncalibrated["temperature"] is None
+        image = Image.open(face["explanation"])
+        assert image.size == (2 * 48 * 4 + 4, 48 * 4) and image.mode == "RGB"
+        top = face["emotions"][0]
+        assert top["emotion"] == uncalibrated["faces"][0]["emotions"][0]["emotion"]
+        assert top["probability"] <= uncalibrated["faces"][0]["emotions"][0]["probability"]
+    assert sorted(path.name for path in (tmp_path / "explained").iterdir()) == [
+        "image0-face1.png", "image1-face1.png"]
+
+
+def test_predict_explain_from_the_command_line(model_path, crops, tmp_path, capsys):
+    code = main(["predict", str(crops[0]), "--model", str(model_path), "--no-detect",
+                 "--explain", str(tmp_path / "out"), "--explain-method", "occlusion", "--json"])
+
+    (result,) = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["temperature"] is None
+    assert Path(result["faces"][0]["explanation"]).is_file()
+    with pytest.raises(ValueError, match="allowed values: auto, grad_cam, occlusion"):
+        apply.predict(crops, model_path, detect=False, explain=tmp_path, explain_method="lime")

@@ -214,3 +214,85 @@ def test_tta_crops_keep_shape_dtype_and_channels():
     assert seen == [((3, 48, 48, 1), np.uint8)] * 6
     with pytest.raises(ValueError, match="crops"):
         tta_probabilities(predictor, images, crops=9)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+# Top-label confidences 0.9 (right), 0.75 (wrong), 0.55 (right), 0.7 (right) in 5 bins:
+# (0.8, 1]: 0.9 vs 1 -> gap 0.1, weight 1/4; (0.6, 0.8]: mean 0.725 vs accuracy 1/2 -> gap
+# 0.225, weight 2/4; (0.4, 0.6]: 0.55 vs 1 -> gap 0.45, weight 1/4. ECE = 0.025 + 0.1125 +
+# 0.1125 = 0.25.
+CALIBRATION_Y = np.array([0, 1, 0, 1])
+CALIBRATION_PROBA = np.array([[0.9, 0.1], [0.75, 0.25], [0.55, 0.45], [0.3, 0.7]])
+
+
+def test_ece_hand_computed():
+    assert metrics.expected_calibration_error(CALIBRATION_Y, CALIBRATION_PROBA, bins=5) == \
+        pytest.approx(0.25)
+    bins = metrics.reliability_bins(CALIBRATION_Y, CALIBRATION_PROBA, bins=5)
+    assert list(bins.columns) == ["bin", "lower", "upper", "confidence", "accuracy", "count"]
+    assert list(bins["count"]) == [0, 0, 1, 2, 1]
+    assert bins.loc[3, "confidence"] == pytest.approx(0.725) and bins.loc[3, "accuracy"] == 0.5
+    assert np.isnan(bins.loc[0, "accuracy"])
+    # Class 0's probabilities 0.9, 0.75, 0.55, 0.3 against outcomes 1, 0, 1, 0 in 5 bins:
+    # gaps 0.1, 0.75, 0.45, 0.3 of one sample each -> 1.6 / 4; class 1 is the mirror image.
+    assert metrics.classwise_ece(CALIBRATION_Y, CALIBRATION_PROBA, bins=5) == pytest.approx(0.4)
+
+
+def test_brier_and_nll_hand_computed():
+    # Squared distances: 0.02, 2 * 0.75**2, 2 * 0.45**2, 2 * 0.3**2.
+    expected = (0.02 + 1.125 + 0.405 + 0.18) / 4
+    assert metrics.brier_score(CALIBRATION_Y, CALIBRATION_PROBA) == pytest.approx(expected)
+    expected_nll = -np.mean(np.log([0.9, 0.25, 0.55, 0.7]))
+    assert metrics.negative_log_likelihood(CALIBRATION_Y, CALIBRATION_PROBA) == \
+        pytest.approx(expected_nll)
+    assert metrics.brier_score([0, 1], [[1.0, 0.0], [0.0, 1.0]]) == 0
+
+
+def test_ece_is_near_zero_for_calibrated_predictions():
+    rng = np.random.default_rng(0)
+    proba = rng.dirichlet(np.full(7, 0.5), size=100_000)
+    labels = (rng.random((len(proba), 1)) > proba.cumsum(axis=1)).sum(axis=1)  # y ~ proba
+    assert metrics.expected_calibration_error(labels, proba) < 0.01
+    assert metrics.classwise_ece(labels, proba) < 0.01
+    overconfident = metrics.apply_temperature(proba, 0.5)
+    assert metrics.expected_calibration_error(labels, overconfident) > 0.05
+
+
+def test_temperature_fit_recovers_a_known_temperature():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, size=(20_000, 7))
+    true_temperature = 2.0
+    labels = (rng.random((len(logits), 1))
+              > softmax(logits / true_temperature).cumsum(axis=1)).sum(axis=1)
+    fitted = metrics.fit_temperature(logits, labels)
+    assert fitted == pytest.approx(true_temperature, rel=0.05)
+    # From probabilities (as saved by training) the same temperature comes back.
+    assert metrics.fit_temperature(softmax(logits), labels) == pytest.approx(fitted, rel=1e-4)
+    calibrated = metrics.apply_temperature(softmax(logits), fitted)
+    assert np.allclose(calibrated, softmax(logits / fitted), atol=1e-9)
+    assert (calibrated.argmax(1) == logits.argmax(1)).all()       # accuracy cannot change
+    assert metrics.negative_log_likelihood(labels, calibrated) < \
+        metrics.negative_log_likelihood(labels, softmax(logits))
+    with pytest.raises(ValueError, match="positive number"):
+        metrics.apply_temperature(calibrated, 0)
+
+
+def test_ece_bootstrap_interval_and_summary():
+    y_true, proba = random_case(num_samples=500, seed=3)
+    interval = metrics.ece_bootstrap_ci(y_true, proba, n_boot=300, seed=0)
+    assert interval["low"] <= interval["value"] <= interval["high"]
+    assert interval == metrics.ece_bootstrap_ci(y_true, proba, n_boot=300, seed=0)
+    # The vectorised resampling equals the ECE of an explicitly resampled set.
+    rng = np.random.default_rng(5)
+    draw = rng.integers(0, len(y_true), len(y_true))
+    weights = np.bincount(draw, minlength=len(y_true)).astype(float)
+    _, scores, correct = metrics._top_label(y_true, proba)
+    cell = np.eye(15)[metrics._bin_index(scores, 15)] * (correct - scores)[:, None]
+    assert np.abs(weights @ cell).sum() / len(y_true) == pytest.approx(
+        metrics.expected_calibration_error(y_true[draw], proba[draw]))
+    summary = metrics.calibration_metrics(y_true, proba, n_boot=0)
+    assert set(summary) == {"accuracy", "ece", "ece_low", "ece_high", "classwise_ece",
+                            "brier", "nll"}
+    assert math.isnan(summary["ece_low"])
+    json.dumps(summary)

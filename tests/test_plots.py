@@ -182,3 +182,46 @@ def test_publish_saves_and_displays_the_png(tmp_path):
     png = published._repr_png_()
     assert png.startswith(b"\x89PNG") and (tmp_path / "figures" / "f1.png").read_bytes() == png
     assert published.figure is fig
+
+
+def test_reliability_diagram_panels_and_overlay(check):
+    from ferlib.metrics import apply_temperature, expected_calibration_error, reliability_bins
+
+    bins = reliability_bins(LABELS, PROBA)
+    softened = reliability_bins(LABELS, apply_temperature(PROBA, 2.0))
+    fig = check(plots.reliability_diagram({"vit": bins,
+                                           "alexnet": {"before": bins, "after": softened}}))
+    vit, alexnet = fig.axes
+    assert vit.get_title() == "ViT" and vit.get_xlabel().startswith("Confidence")
+    ece = expected_calibration_error(LABELS, PROBA)
+    assert f"ECE {ece:.3f}" in [text.get_text() for text in vit.get_legend().get_texts()]
+    assert "perfect calibration" in [line.get_label() for line in vit.get_lines()]
+    assert [line.get_label().split(":")[0] for line in alexnet.get_lines()][1:] == [
+        "before", "after"]
+    fig = check(plots.reliability_diagram({"vit": bins, "resnet50v2": softened}, overlay=True))
+    assert len(fig.axes) == 1
+    assert [line.get_label().split(":")[0] for line in fig.axes[0].get_lines()][1:] == [
+        "ViT", "ResNet50V2"]
+
+
+def test_saliency_grid(check):
+    maps = RNG.random((10, 48, 48))
+    fig = check(plots.saliency_grid(IMAGES[:10], maps, titles=[f"face {i}" for i in range(10)],
+                                    num_columns=4, cmap="inferno"))
+    assert len(fig.axes) == 12
+    assert len(fig.axes[0].images) == 2 and fig.axes[0].images[1].get_cmap().name == "inferno"
+    assert fig.axes[9].get_title() == "face 9" and not fig.axes[11].images
+    with pytest.raises(ValueError, match="10 images but 3 maps"):
+        plots.saliency_grid(IMAGES[:10], maps[:3])
+
+
+def test_mean_saliency_maps(check):
+    maps = RNG.random((7, 48, 48))
+    missing = maps.copy()
+    missing[1] = np.nan
+    fig = check(plots.mean_saliency_maps({"vit": maps, "alexnet": missing},
+                                         background=IMAGES[0]))
+    assert len(fig.axes) == 14
+    assert fig.axes[0].get_ylabel() == "ViT" and fig.axes[7].get_ylabel().startswith("AlexNet")
+    assert tick_texts(fig.axes[0]) == [] and fig.axes[6].get_title() == "neutral"
+    assert fig.axes[8].texts[0].get_text() == "no images" and not fig.axes[8].images
