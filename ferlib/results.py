@@ -530,3 +530,43 @@ def calibration_table(results: dict[str, ModelResult], n_boot: int = 1000, seed:
         row["evaluated_on"] = report["evaluated_on"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def calibration_headline(table: pd.DataFrame) -> pd.DataFrame:
+    """The calibration table as displayed: ECE with its CI, Brier and NLL, before and after
+    temperature scaling, and the temperature (accuracy is the same before and after)."""
+    return pd.DataFrame({
+        "model": table["model"], "temperature": table["temperature"],
+        "accuracy": table["accuracy"],
+        "ECE before [95% CI]": [f"{v:.3f} {ci}" for v, ci in zip(table.ece_before,
+                                                                  table.ece_before_ci)],
+        "ECE after [95% CI]": [f"{v:.3f} {ci}" for v, ci in zip(table.ece_after,
+                                                                 table.ece_after_ci)],
+        "classwise ECE before / after": [f"{a:.3f} / {b:.3f}" for a, b in zip(
+            table.classwise_ece_before, table.classwise_ece_after)],
+        "Brier before / after": [f"{a:.3f} / {b:.3f}" for a, b in zip(table.brier_before,
+                                                                      table.brier_after)],
+        "NLL before / after": [f"{a:.3f} / {b:.3f}" for a, b in zip(table.nll_before,
+                                                                    table.nll_after)]})
+
+
+def reliability_curves(result: ModelResult, temperature: float, bins: int = 15) -> dict:
+    """PrivateTest reliability bins before and after temperature scaling (for
+    ``ferlib.plots.reliability_diagram``)."""
+    labels, proba = result.test()
+    return {"before": metrics.reliability_bins(labels, proba, bins),
+            f"after (T = {temperature:.2f})": metrics.reliability_bins(
+                labels, metrics.apply_temperature(proba, temperature), bins)}
+
+
+def saliency_source(result: ModelResult):
+    """(the trained Keras model whose saliency a report shows, its PrivateTest labels and
+    probabilities, a note): the model itself, or fold 1's model for a cross-validated one."""
+    import keras
+
+    import ferlib.models  # noqa: F401  (registers the custom layers)
+
+    source = result.folds[0] if result.folds else result
+    note = " (fold 1's model; the k-fold ensemble has no single network)" if result.folds else ""
+    labels, proba = source.test()
+    return keras.models.load_model(source.directory / "best.keras"), labels, proba, note
