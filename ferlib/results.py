@@ -570,3 +570,81 @@ def saliency_source(result: ModelResult):
     note = " (fold 1's model; the k-fold ensemble has no single network)" if result.folds else ""
     labels, proba = source.test()
     return keras.models.load_model(source.directory / "best.keras"), labels, proba, note
+
+
+def fit_ensemble_weights(results: dict[str, ModelResult]) -> dict[str, float]:
+    """Non-negative weights summing to 1 that minimise the ensemble's PublicTest NLL (the
+    mean of the models' softmax probabilities, weighted). PrivateTest is never looked at."""
+    from scipy.optimize import minimize
+
+    names = list(results)
+    labels = results[names[0]].predictions["val_labels"]
+    for name in names[1:]:
+        if not np.array_equal(results[name].predictions["val_labels"], labels):
+            raise ValueError(f"ensemble: {name} was validated on other images than "
+                             f"{names[0]}; an ensemble needs the same PublicTest predictions")
+    stacked = np.stack([results[name].predictions["val_proba"] for name in names])
+    picked = stacked[:, np.arange(len(labels)), labels]  # (models, images)
+
+    def nll(logits):
+        weights = np.exp(logits - logits.max())
+        weights /= weights.sum()
+        return -np.mean(np.log(np.clip(weights @ picked, 1e-12, 1)))
+
+    best = minimize(nll, np.zeros(len(names)), method="Nelder-Mead",
+                    options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000})
+    weights = np.exp(best.x - best.x.max())
+    return dict(zip(names, (weights / weights.sum()).tolist()))
+
+
+def ensemble_result(results: dict[str, ModelResult], weights: dict[str, float] | None = None,
+                    name: str = "ensemble") -> ModelResult:
+    """The ensemble of trained models as one result: the (weighted) mean of their softmax
+    probabilities on PublicTest and PrivateTest. ``weights`` None = equal weights."""
+    names = list(results)
+    weights = weights or {model: 1 / len(names) for model in names}
+    first = results[names[0]]
+    for model in names[1:]:
+        if not np.array_equal(results[model].predictions["test_ids"],
+                              first.predictions["test_ids"]):
+            raise ValueError(f"ensemble: {model} was tested on other images than {names[0]}")
+
+    def mix(key):
+        return sum(weights[model] * results[model].predictions[key] for model in names)
+
+    predictions = {"val_proba": mix("val_proba"), "val_labels": first.predictions["val_labels"],
+                   "test_proba": mix("test_proba"),
+                   "test_labels": first.predictions["test_labels"],
+                   "test_ids": first.predictions["test_ids"]}
+    members = " + ".join(f"{results[m].display_name} ({weights[m]:.2f})" for m in names)
+    scores = {"model": name, "members": members, "weights": weights,
+              "val": metrics.classification_metrics(predictions["val_labels"],
+                                                    predictions["val_proba"]),
+              "test": metrics.classification_metrics(predictions["test_labels"],
+                                                     predictions["test_proba"])}
+    empty = pd.DataFrame()
+    return ModelResult(name=name, directory=first.directory.parent, history=empty,
+                       timing=empty, metrics=scores, settings={}, predictions=predictions)
+
+
+def ensembles(results: dict[str, ModelResult]) -> dict[str, ModelResult]:
+    """The study's two ensembles of its trained models: equal weights, and weights fitted on
+    PublicTest (:func:`fit_ensemble_weights`). Empty for fewer than two models."""
+    if len(results) < 2:
+        return {}
+    fitted = fit_ensemble_weights(results)
+    return {"ensemble_equal": ensemble_result(results, name="Ensemble (equal weights)"),
+            "ensemble_fitted": ensemble_result(results, fitted,
+                                               name="Ensemble (weights fitted on PublicTest)")}
+
+
+def ensemble_significance(results: dict[str, ModelResult], ensemble_results: dict,
+                          n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Each ensemble against the best single model (by PublicTest accuracy, so PrivateTest
+    chooses nothing): McNemar and the paired bootstrap CI of the accuracy difference."""
+    best = max(results.values(), key=lambda result: result.metrics["val"]["accuracy"])
+    rows = [significance_table({"ensemble": ensemble, "best": best}, n_boot=n_boot,
+                               seed=seed).iloc[0] for ensemble in ensemble_results.values()]
+    table = pd.DataFrame(rows).reset_index(drop=True)
+    return table.drop(columns=["p_holm", "significant_at_0.05"], errors="ignore").assign(
+        significant_at_0_05=lambda frame: frame.mcnemar_p < 0.05)

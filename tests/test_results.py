@@ -5,6 +5,8 @@ Two tiny models are cross-validated once (2 folds, 1 epoch) on synthetic data an
 the tests; hand-made predictions cover the arithmetic.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -128,3 +130,52 @@ def test_recipe_experiments_table(tmp_path):
         results.recipe_experiments(file)
     shipped = results.recipe_experiments()
     assert set(shipped["profile"]) <= {"quick", "full", "all", "smoke", "paper"}
+
+
+def _hand_result(name, val_proba, val_labels, test_proba, test_labels):
+    return results.ModelResult(
+        name=name, directory=Path("."), history=pd.DataFrame(), timing=pd.DataFrame(),
+        metrics={"val": {"accuracy": float((val_proba.argmax(1) == val_labels).mean())}},
+        settings={}, predictions={"val_proba": val_proba, "val_labels": val_labels,
+                                  "test_proba": test_proba, "test_labels": test_labels,
+                                  "test_ids": np.arange(len(test_labels))})
+
+
+def _noisy_proba(labels, strength, rng):
+    logits = rng.normal(0, 1, (len(labels), 7))
+    logits[np.arange(len(labels)), labels] += strength
+    return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+
+def test_ensembles_average_probabilities_and_fitted_weights_favour_the_better_model():
+    rng = np.random.default_rng(0)
+    val_labels, test_labels = rng.integers(0, 7, 600), rng.integers(0, 7, 400)
+    good = _hand_result("good", _noisy_proba(val_labels, 3.0, rng), val_labels,
+                        _noisy_proba(test_labels, 3.0, rng), test_labels)
+    useless = _hand_result("useless", np.full((600, 7), 1 / 7), val_labels,
+                           np.full((400, 7), 1 / 7), test_labels)
+    models = {"good": good, "useless": useless}
+    weights = results.fit_ensemble_weights(models)
+    assert sum(weights.values()) == pytest.approx(1.0)
+    assert weights["good"] > 0.9
+    equal = results.ensemble_result(models)
+    np.testing.assert_allclose(equal.predictions["test_proba"],
+                               (good.predictions["test_proba"] + 1 / 7) / 2)
+    both = results.ensembles(models)
+    assert set(both) == {"ensemble_equal", "ensemble_fitted"}
+    assert both["ensemble_fitted"].metrics["weights"] == weights
+    tests = results.ensemble_significance(models, both, n_boot=50)
+    assert len(tests) == 2 and set(tests["model_b"]) == {good.display_name}
+    assert results.ensembles({"good": good}) == {}
+
+
+def test_ensemble_refuses_models_scored_on_different_images():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 7, 50)
+    first = _hand_result("a", _noisy_proba(labels, 2, rng), labels,
+                         _noisy_proba(labels, 2, rng), labels)
+    second = _hand_result("b", _noisy_proba(labels, 2, rng), labels,
+                          _noisy_proba(labels, 2, rng), labels)
+    second.predictions["test_ids"] = second.predictions["test_ids"][::-1]
+    with pytest.raises(ValueError, match="other images"):
+        results.ensemble_result({"a": first, "b": second})
