@@ -93,6 +93,40 @@ def _probabilities(model, images, tta=False, temperature=None):
     return probabilities(images)
 
 
+def _model_files(model_paths) -> list[Path]:
+    """One model path or several (an ensemble), each checked before any slow work."""
+    if isinstance(model_paths, (str, Path)):
+        model_paths = [model_paths]
+    if not model_paths:
+        raise ValueError("no model given: pass --model FILE (repeat it for an ensemble)")
+    return [_model_file(path) for path in model_paths]
+
+
+class Predictor:
+    """One model, or an ensemble of several: the mean of the members' probabilities, each
+    scaled by its own stored temperature (when calibration is on and it has one)."""
+
+    def __init__(self, model_paths, calibration=True):
+        self.paths = _model_files(model_paths)
+        self.temperatures = [_temperature(path, calibration) for path in self.paths]
+        self.models = [load_model(path) for path in self.paths]
+
+    @property
+    def description(self):
+        """The model's path, or the list of the ensemble's paths (for result records)."""
+        names = [str(path) for path in self.paths]
+        return names[0] if len(names) == 1 else names
+
+    @property
+    def temperature(self):
+        """The temperature (None: uncalibrated), or one per member for an ensemble."""
+        return self.temperatures[0] if len(self.paths) == 1 else self.temperatures
+
+    def probabilities(self, images, tta=False) -> np.ndarray:
+        return np.mean([_probabilities(model, images, tta, temperature) for model, temperature
+                        in zip(self.models, self.temperatures)], axis=0)
+
+
 def _temperature(model_path, calibration):
     """The stored temperature when ``calibration`` is on and one exists, else None."""
     from ferlib.calibration import load_temperature
@@ -182,11 +216,11 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
     from ferlib.data import SPLITS, load_fer2013
 
     _check_class_map(class_map)
-    _model_file(model_path)
-    temperature = _temperature(model_path, calibration)
+    _model_files(model_path)
     data = load_fer2013(data_path, class_map=class_map, on_error="skip", cache=False)
-    model = load_model(model_path)
-    proba = _probabilities(model, data.images, tta, temperature)
+    predictor = Predictor(model_path, calibration)
+    temperature = predictor.temperature
+    proba = predictor.probabilities(data.images, tta)
 
     present = np.unique(data.labels)
     class_names = [EMOTIONS[k] for k in present]
@@ -208,7 +242,8 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
     report = metrics.per_class_report(masked_labels, masked_predictions, class_names)
     counts = metrics.confusion(masked_labels, masked_predictions, num_classes=len(present))
     result = {
-        "model": str(model_path), "data": data.source, "data_hash": data.source_hash,
+        "model": predictor.description, "ensemble": len(predictor.paths),
+        "data": data.source, "data_hash": data.source_hash,
         "images": len(data),
         "per_split": {split: int((data.split == split).sum()) for split in SPLITS},
         "skipped": len(data.skipped), "skipped_examples": data.skipped[:20],
@@ -251,7 +286,9 @@ def _write_evaluation(result, counts, out):
     from ferlib.runs import write_json
 
     masked = " (absent classes masked)" if result["absent_classes"] else ""
-    title = f"{Path(result['model']).name} on {Path(result['data']).name}{masked}"
+    models = result["model"] if isinstance(result["model"], list) else [result["model"]]
+    title = f"{' + '.join(Path(model).name for model in models)} on " \
+            f"{Path(result['data']).name}{masked}"
     figure_path = save_figure(confusion_matrix_plot(counts, result["classes"], title),
                               out / "confusion_matrix.png")
     files = {"metrics": str(out / "metrics.json"), "confusion_matrix": str(figure_path)}
@@ -286,10 +323,17 @@ def format_evaluation(result) -> str:
         rows.append({"metric": names[key], "value": value, "95% CI": f"[{low}, {high}]"})
     tta = ", test-time mirror averaging" if result["tta"] else ""
     temperature = result.get("temperature")
-    lines.append(f"probabilities calibrated with the stored temperature T = {temperature:.3f} "
-                 f"(--no-calibration turns it off)" if temperature is not None else
-                 "probabilities uncalibrated (no calibration.json beside the model, or "
-                 "--no-calibration)")
+    if isinstance(result["model"], list):
+        members = ", ".join(f"{model} (T = {t:.3f})" if t is not None else f"{model} "
+                            f"(uncalibrated)" for model, t in zip(result["model"], temperature))
+        lines.append(f"ensemble of {len(result['model'])} models, the mean of their "
+                     f"probabilities: {members}")
+    else:
+        lines.append(f"probabilities calibrated with the stored temperature T = "
+                     f"{temperature:.3f} (--no-calibration turns it off)"
+                     if temperature is not None else
+                     "probabilities uncalibrated (no calibration.json beside the model, or "
+                     "--no-calibration)")
     lines += ["", f"metrics ({result['bootstrap_resamples']} bootstrap resamples{tta}):",
               pd.DataFrame(rows).set_index("metric").to_string(), ""]
     report = pd.DataFrame(result["per_class"]).T
@@ -424,7 +468,7 @@ def predict(paths, model_path, *, detect=True, top=3, annotate=None, calibration
     """
     if not 1 <= top <= NUM_CLASSES:
         raise ValueError(f"top must be between 1 and {NUM_CLASSES}; got {top}")
-    _model_file(model_path)
+    _model_files(model_path)
     if explain is not None:
         from ferlib.explain import METHODS
 
@@ -434,8 +478,8 @@ def predict(paths, model_path, *, detect=True, top=3, annotate=None, calibration
     files = image_files(paths)
     if not files:
         raise ValueError("no images given")
-    temperature = _temperature(model_path, calibration)
-    model = load_model(model_path)
+    predictor = Predictor(model_path, calibration)
+    temperature = predictor.temperature
     detector = face_detector() if detect else None
     for folder in (annotate, explain):
         if folder is not None:
@@ -455,14 +499,15 @@ def predict(paths, model_path, *, detect=True, top=3, annotate=None, calibration
         if boxes:
             crops = np.stack([crop_face(gray, box, margin=FACE_MARGIN if detect else 0.0)
                               for box in boxes])
-            proba = _probabilities(model, crops, temperature=temperature)
+            proba = predictor.probabilities(crops)
             for box, probabilities in zip(boxes, proba):
                 best = np.argsort(-probabilities, kind="stable")[:top]
                 faces.append({"box": list(box), "emotions": [
                     {"emotion": EMOTIONS[k], "probability": float(probabilities[k])}
                     for k in best]})
             if explain is not None:
-                _explain_faces(model, crops, proba, faces, Path(path).stem, Path(explain),
+                # an ensemble has no single network: its first member's saliency is shown
+                _explain_faces(predictor.models[0], crops, proba, faces, Path(path).stem, Path(explain),
                                explain_method, used_explanations)
         result = {"path": str(path), "size": [width, height], "temperature": temperature,
                   "faces": faces}
@@ -637,8 +682,10 @@ def add_commands(commands) -> None:
         "evaluate", help="score a saved model on a labelled dataset (CSV, folder or zip)",
         description="Score a saved model on every image of a labelled dataset; print metrics "
                     "with bootstrap 95%% CIs and write metrics.json and confusion_matrix.png.")
-    evaluate_parser.add_argument("--model", required=True, help="a .keras model, e.g. "
-                                 "runs/quick/models/alexnet/best.keras")
+    evaluate_parser.add_argument("--model", required=True, action="append",
+                                 help="a .keras model, e.g. runs/quick/models/alexnet/best.keras;"
+                                      " repeat it to evaluate the ensemble of several (the mean "
+                                      "of their probabilities)")
     evaluate_parser.add_argument("--data", required=True, help="FER2013 CSV, image folder "
                                  "(train/<class>/, test/<class>/ or <class>/) or a zip of one")
     evaluate_parser.add_argument("--out", default="evaluation",
@@ -662,7 +709,10 @@ def add_commands(commands) -> None:
                     "emotions. Exit code 1 only if no image could be read.")
     predict_parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                                 help="image files or folders (searched recursively)")
-    predict_parser.add_argument("--model", required=True, help="a .keras model")
+    predict_parser.add_argument("--model", required=True, action="append",
+                                help="a .keras model; repeat it for an ensemble (the mean of "
+                                     "their probabilities; --explain shows the first one's "
+                                     "saliency)")
     predict_parser.add_argument("--no-detect", dest="detect", action="store_false",
                                 help="treat each whole image as an already cropped face")
     predict_parser.add_argument("--json", action="store_true", help="print a JSON list")

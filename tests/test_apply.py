@@ -241,3 +241,49 @@ def test_predict_explain_from_the_command_line(model_path, crops, tmp_path, caps
     assert Path(result["faces"][0]["explanation"]).is_file()
     with pytest.raises(ValueError, match="allowed values: auto, grad_cam, occlusion"):
         apply.predict(crops, model_path, detect=False, explain=tmp_path, explain_method="lime")
+
+
+@pytest.fixture(scope="module")
+def second_model_path(tmp_path_factory):
+    import keras
+
+    from ferlib.models import build_model
+
+    keras.utils.set_random_seed(7)  # other weights than model_path's
+    path = tmp_path_factory.mktemp("model2") / "other.keras"
+    build_model("alexnet", width=0.25, dense_units=16).save(path)
+    return path
+
+
+def test_evaluate_an_ensemble_of_models(model_path, second_model_path, tmp_path, capsys):
+    data = make_dataset(tmp_path / "faces", ["happy", "sad"], per_class=3)
+    first = apply.evaluate(model_path, data, n_boot=0)
+    second = apply.evaluate(second_model_path, data, n_boot=0)
+
+    code = main(["evaluate", "--model", str(model_path), "--model", str(second_model_path),
+                 "--data", str(data), "--out", str(tmp_path / "evaluation"),
+                 "--bootstrap", "30"])
+
+    printed = capsys.readouterr().out
+    assert code == 0 and "ensemble of 2 models" in printed
+    saved = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert saved["model"] == [str(model_path), str(second_model_path)]
+    assert saved["ensemble"] == 2 and saved["temperature"] == [None, None]
+    interval = saved["confidence_intervals"]["accuracy"]
+    assert interval["low"] <= interval["value"] <= interval["high"]
+    # the ensemble's probabilities are the members' mean
+    from ferlib.data import load_fer2013
+
+    images = load_fer2013(data, on_error="skip", cache=False).images
+    members = [apply.Predictor(path).probabilities(images) for path in
+               (model_path, second_model_path)]
+    ensemble = apply.Predictor([model_path, second_model_path]).probabilities(images)
+    np.testing.assert_allclose(ensemble, np.mean(members, axis=0), atol=1e-6)
+    assert first["model"] == str(model_path) and second["ensemble"] == 1
+
+
+def test_predict_with_an_ensemble(model_path, second_model_path, crops):
+    (result, *_) = apply.predict(crops[:1], [model_path, second_model_path], detect=False, top=7)
+    total = sum(emotion["probability"] for emotion in result["faces"][0]["emotions"])
+    assert total == pytest.approx(1.0, abs=1e-5)
+    assert result["temperature"] == [None, None]
