@@ -309,6 +309,9 @@ def test_smoke_pipeline_writes_every_report(smoke_run):
         assert not leak, f"{name}: {page[max(leak.start() - 200, 0):leak.end() + 200]}"
         for noise in ("site-packages", "dist-packages", "cpu_feature_guard", "oneDNN"):
             assert noise not in page, f"{name} shows {noise}"
+        # Tables read like a paper's: no pandas index column, no NaN.
+        assert 'class="dataframe"' not in page and 'class="row_heading' not in page, name
+        assert not re.search(r">\s*(NaN|nan)\s*<", page), f"{name} shows NaN"
         if name not in ("index",):
             assert "data:image/png;base64" in page, f"{name} has no embedded figure"
             assert "Traceback" not in page, f"{name} shows an error"
