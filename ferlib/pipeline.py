@@ -499,6 +499,22 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
     return 0
 
 
+def protocol_sentence(run: Path, models) -> str:
+    """What the run's PrivateTest ledger says: "scored once" only where that is true."""
+    from collections import Counter
+
+    ledger = read_json(Path(run) / "privatetest_scorings.json", [])
+    counts = Counter((entry["model"], entry["part"]) for entry in ledger
+                     if entry["model"] in models)
+    if counts and all(count == 1 for count in counts.values()):
+        return ("Models were selected on PublicTest only; PrivateTest was scored once per "
+                "trained model (ledger: privatetest_scorings.json).")
+    listed = ", ".join(f"{model}{'/' + part if part else ''} {count}x"
+                       for (model, part), count in sorted(counts.items())) or "none recorded"
+    return (f"Models were selected on PublicTest only. PrivateTest scorings per trained model, "
+            f"replaced runs included: {listed}.")
+
+
 def write_index(params: dict, run: Path, reports: Path, steps, provenance: dict) -> None:
     """``index.html``: the headline table (from the compare step) and links to every report.
 
@@ -536,7 +552,7 @@ border-bottom:1px solid #ddd;text-align:right}}</style></head><body>
 <p>{description}</p>
 <h2>Headline (PrivateTest, 95% bootstrap CIs) next to the paper's claims</h2>
 {table}
-<p>Models were selected on PublicTest only; PrivateTest was scored once at the end.</p>
+<p>{html.escape(protocol_sentence(run, params["models"]))}</p>
 <h2>Reports</h2><ul>
 {links}
 </ul>

@@ -411,3 +411,17 @@ def test_missing_dataset_is_one_clear_message(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError, match="FER2013_PATH"):
         pipeline.report("smoke", run_root=str(tmp_path / "runs"),
                         reports_root=str(tmp_path / "reports"))
+
+
+def test_protocol_sentence_says_scored_once_only_when_the_ledger_agrees(tmp_path):
+    from ferlib.runs import write_json
+
+    assert "none recorded" in pipeline.protocol_sentence(tmp_path, ["alexnet"])
+    write_json(tmp_path / "privatetest_scorings.json",
+               [{"model": "alexnet", "part": ""}, {"model": "vit", "part": ""}])
+    assert "scored once per trained model" in pipeline.protocol_sentence(tmp_path,
+                                                                         ["alexnet", "vit"])
+    write_json(tmp_path / "privatetest_scorings.json",
+               [{"model": "alexnet", "part": ""}, {"model": "alexnet", "part": ""}])
+    sentence = pipeline.protocol_sentence(tmp_path, ["alexnet"])
+    assert "once" not in sentence and "alexnet 2x" in sentence
