@@ -538,15 +538,20 @@ def publish(fig, directory, name, dpi=100):
     return PublishedFigure(fig, path)
 
 
-def table(frame, precision: int = 3):
+def table(frame, precision: int = 3, formats: dict | None = None):
     """A DataFrame as a paper's table: no index column, "–" for missing values, floats
-    rounded. Returns a pandas Styler, which notebooks display as HTML."""
+    rounded (``formats``: column -> format string for columns that need another, such as a
+    learning rate in ``"{:.2e}"``). Returns a pandas Styler, which notebooks display as HTML."""
     import pandas as pd
 
     frame = frame.reset_index() if not isinstance(frame.index, pd.RangeIndex) else frame
-    return (frame.style.hide(axis="index").format(precision=precision, na_rep="–",
+    styler = frame.style.hide(axis="index").format(precision=precision, na_rep="–",
                                                    thousands=",")
-            .set_table_attributes('class="ferlib-table"'))
+    chosen = {column: format_string for column, format_string in (formats or {}).items()
+              if column in frame}
+    if chosen:
+        styler = styler.format(chosen, subset=list(chosen), na_rep="–")
+    return styler.set_table_attributes('class="ferlib-table"')
 
 
 # ------------------------------------------------------------------- calibration and saliency

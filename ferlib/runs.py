@@ -112,10 +112,13 @@ def code_hash(*modules: str) -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD's sha, with "-dirty" when tracked files differ from it. The rendered reports are
+    outputs, not inputs: re-rendering them does not make the next render "dirty"."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, text=True,
                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)reports"],
                                cwd=PROJECT_ROOT, text=True, capture_output=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -225,3 +225,14 @@ def test_mean_saliency_maps(check):
     assert fig.axes[0].get_ylabel() == "ViT" and fig.axes[7].get_ylabel().startswith("AlexNet")
     assert tick_texts(fig.axes[0]) == [] and fig.axes[6].get_title() == "neutral"
     assert fig.axes[8].texts[0].get_text() == "no images" and not fig.axes[8].images
+
+
+def test_table_reads_like_a_papers():
+    import pandas as pd
+
+    frame = pd.DataFrame({"model": ["a", "b"], "accuracy": [0.61234, np.nan],
+                          "learning_rate": [4.9e-10, 1e-3]}).set_index("model")
+    page = plots.table(frame, precision=3, formats={"learning_rate": "{:.2e}"}).to_html()
+    assert "row_heading" not in page and "NaN" not in page and "nan" not in page
+    assert ">model<" in page  # the index became a column
+    assert ">0.612<" in page and ">–<" in page and ">4.90e-10<" in page
