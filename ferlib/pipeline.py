@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from ferlib.config import PROJECT_ROOT, load_params, parse_overrides, resolve_data_path
-from ferlib.runs import (atomic_write_text, code_hash, environment, fingerprint, provenance,
-                         read_json, run_dir as default_run_dir, write_json, write_yaml)
+from ferlib.runs import (atomic_write_bytes, atomic_write_text, code_hash, environment,
+                         fingerprint, provenance, read_json, run_dir as default_run_dir,
+                         write_json, write_yaml)
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 REPORTS_DIR = PROJECT_ROOT / "reports"
@@ -495,8 +496,26 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
         "wall_seconds": time.time() - started, "environment": env, "provenance": origin,
         "preprocess": read_json(run / "data_summary.json")})
     write_index(params, run, reports, steps, origin)
+    export_figures(run, reports)
     say(f"done in {(time.time() - started) / 60:.1f} min: open {reports / 'index.html'}")
     return 0
+
+
+# Figures the README shows, copied from the run into the committed report folder. They hold no
+# dataset pixels (the HTML reports, which the issues ask to commit, are where faces appear).
+EXPORTED_FIGURES = {"mean_saliency_no_face.png": "mean_saliency.png"}
+
+
+def export_figures(run: Path, reports: Path) -> list[Path]:
+    """Copy :data:`EXPORTED_FIGURES` from ``run/figures`` to ``reports/figures``."""
+    written = []
+    for source_name, target_name in EXPORTED_FIGURES.items():
+        source = Path(run) / "figures" / source_name
+        if source.exists():
+            target = Path(reports) / "figures" / target_name
+            atomic_write_bytes(target, source.read_bytes())
+            written.append(target)
+    return written
 
 
 def protocol_sentence(run: Path, models) -> str:

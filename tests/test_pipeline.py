@@ -425,3 +425,13 @@ def test_protocol_sentence_says_scored_once_only_when_the_ledger_agrees(tmp_path
                [{"model": "alexnet", "part": ""}, {"model": "alexnet", "part": ""}])
     sentence = pipeline.protocol_sentence(tmp_path, ["alexnet"])
     assert "once" not in sentence and "alexnet 2x" in sentence
+
+
+def test_export_figures_copies_the_readme_figures(tmp_path):
+    run, reports = tmp_path / "runs" / "quick", tmp_path / "reports" / "quick"
+    assert pipeline.export_figures(run, reports) == []  # nothing to copy yet
+    (run / "figures").mkdir(parents=True)
+    (run / "figures" / "mean_saliency_no_face.png").write_bytes(b"png")
+    (written,) = pipeline.export_figures(run, reports)
+    assert written == reports / "figures" / "mean_saliency.png"
+    assert written.read_bytes() == b"png"
