@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup report test test-fast lab benchmark clean
+.PHONY: help setup report train status test test-fast lab benchmark clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -26,6 +26,16 @@ setup: $(VENV)/.installed ## create .venv and install ferlib with its dev extras
 
 report: setup ## run the whole study for PROFILE and render reports/<PROFILE>/ (resumable)
 	$(BIN)/python -m ferlib report --profile $(PROFILE)
+
+train: setup ## train PROFILE's models, one process each, logging to runs/PROFILE/train.log (resumable)
+	@mkdir -p runs/$(PROFILE)
+	@for model in $$($(BIN)/python -c "from ferlib.config import load_params; print(*load_params('$(PROFILE)')['models'])"); do \
+		echo "training $$model (log: runs/$(PROFILE)/train.log)"; \
+		$(BIN)/python -m ferlib train --profile $(PROFILE) --model $$model >> runs/$(PROFILE)/train.log 2>&1 || exit 1; \
+	done
+
+status: ## epochs done, best PublicTest accuracy and time left per model of PROFILE's run
+	@$(BIN)/python -m ferlib status --profile $(PROFILE)
 
 test: setup ## run the test suite (includes the slow smoke-pipeline test)
 	$(BIN)/python -m pytest

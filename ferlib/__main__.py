@@ -31,16 +31,38 @@ def _data_summary(args) -> int:
 
 
 def _train(args) -> int:
+    if args.device is not None:
+        # Before Keras and its backend start: the process then sees only this accelerator.
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.device
     from ferlib.config import load_params, parse_overrides
     from ferlib.data import load_dataset
     from ferlib.runs import run_dir
     from ferlib.train import train, train_cv
 
     params = load_params(args.profile, parse_overrides(args.set))
+    if args.fold and not params["cv_folds"]:
+        raise ValueError("--fold: this profile trains on the official split (cv_folds: 0); "
+                         "set cv_folds, e.g. --set cv_folds=5")
     dataset = load_dataset(params, progress=True)
     directory = args.run_dir or run_dir(params["profile"])
     for name in args.model or params["models"]:
-        (train_cv if params["cv_folds"] else train)(name, dataset, params, directory)
+        if params["cv_folds"]:
+            train_cv(name, dataset, params, directory, folds=args.fold)
+        else:
+            train(name, dataset, params, directory)
+    return 0
+
+
+def _status(args) -> int:
+    from ferlib.config import load_params, parse_overrides
+    from ferlib.runs import run_dir
+    from ferlib.runs import progress_table
+
+    params = load_params(args.profile, parse_overrides(args.set))
+    directory = Path(args.run_dir or run_dir(params["profile"]))
+    table = progress_table(directory, params)
+    print(f"{directory}:")
+    print(table.to_string(index=False, na_rep="-"))
     return 0
 
 
@@ -73,6 +95,17 @@ def main(argv=None) -> int:
     train_parser.add_argument("--model", action="append",
                               help="model to train (repeatable; default: all)")
     train_parser.add_argument("--run-dir", help="default: runs/<profile>")
+    train_parser.add_argument("--fold", action="append", type=int,
+                              help="with cv_folds: train only this fold (1-based, repeatable); "
+                              "the fold merge is written once every fold is done")
+    train_parser.add_argument("--device", help="accelerator index for this process "
+                              "(sets CUDA_VISIBLE_DEVICES), e.g. one fold per GPU")
+    status = commands.add_parser("status", help="epochs done, best PublicTest accuracy and ETA "
+                                 "of each model of a profile's run (reads files only)")
+    status.add_argument("--profile", default="quick", help="params/<profile>.yaml")
+    status.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    status.add_argument("--run-dir", help="default: runs/<profile>")
+    status.set_defaults(handler=_status)
     report_parser.add_argument("--runs-root", help="folder of run directories (default: runs/)")
     report_parser.add_argument("--reports-root", help="folder of report folders "
                                "(default: reports/)")

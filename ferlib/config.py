@@ -42,6 +42,9 @@ TRAIN_SCHEMA = {
     "jit_compile": (bool, False),
     "deterministic": (bool, False),
     "tta": (bool, True),
+    # none | data_parallel (keras.distribution.DataParallel, JAX backend) | auto (data-parallel
+    # when JAX sees more than one accelerator). batch_size is the global batch either way.
+    "distribution": (("none", "data_parallel", "auto"), "none"),
 }
 
 AUGMENT_SCHEMA = {

@@ -251,6 +251,36 @@ def build_model(name: str, *, num_classes: int = NUM_CLASSES, **hyperparameters)
     return REGISTRY[name](num_classes, **hyperparameters)
 
 
+AUGMENTATION_LAYERS = (layers.RandomFlip, layers.RandomRotation, layers.RandomTranslation,
+                       layers.RandomZoom, layers.RandAugment, layers.RandomErasing)
+
+
+def inference_model(model: keras.Model, *, temperature: float | None = None,
+                    probabilities: bool = True) -> keras.Model:
+    """An inference-only copy of a trained model: augmentation layers removed, same weights.
+
+    Augmentation is a no-op at inference, but its random ops would still reach an exported graph
+    (and some exporters cannot convert them). The copy maps uint8 ``(batch, 48, 48, 1)`` to
+    probabilities: ``softmax(logits / temperature)`` (``temperature`` from calibration, None for
+    1), or to logits when ``probabilities`` is False.
+    """
+    def clone(layer):
+        if isinstance(layer, AUGMENTATION_LAYERS):
+            return layers.Identity(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in copy.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    x = copy.outputs[0]
+    if temperature is not None and temperature != 1.0:
+        x = layers.Rescaling(1.0 / float(temperature), name="temperature")(x)
+    if probabilities:
+        x = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(copy.inputs, x, name=f"{model.name}_inference")
+
+
 def count_flops(model: keras.Model) -> int | None:
     """Forward FLOPs per image (multiply-adds x 2) from the TF graph profiler, if available."""
     try:

@@ -60,13 +60,32 @@ def _make_callbacks(state: dict, steps_per_epoch: int, train_settings: dict, sho
     import keras
 
     class LearningRateController(keras.callbacks.Callback):
-        """Sets the learning rate every step from the resumable state (no hidden schedule)."""
+        """Sets the learning rate every step from the resumable state (no hidden schedule).
+
+        The JAX trainer keeps the variables in a separate state during an epoch: reading
+        ``iterations`` mid-epoch gives the epoch's first step, and an assigned rate would only
+        reach the state at the next epoch. So the step is counted here, and on JAX a change of
+        rate syncs the state back, assigns, and makes the trainer read the state again (the
+        hook Keras' JAX trainer offers callbacks). Only steps whose rate changes pay for it.
+        """
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.first_step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            self.current = None
 
         def on_train_batch_begin(self, batch, logs=None):
-            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            self.model.optimizer.learning_rate = learning_rate_at(
-                step, steps_per_epoch, state["planned_epochs"], train_settings,
-                state["plateau_scale"])
+            rate = learning_rate_at(self.first_step + batch, steps_per_epoch,
+                                    state["planned_epochs"], train_settings,
+                                    state["plateau_scale"])
+            if rate == self.current:
+                return
+            on_jax = hasattr(self.model, "jax_state_sync")
+            if on_jax:
+                self.model.jax_state_sync()
+            self.model.optimizer.learning_rate = rate
+            self.current = rate
+            if on_jax:
+                self.model._jax_state_synced = True  # re-read the variables before the step
 
     callbacks = [LearningRateController()]
     if show_bar:
@@ -97,10 +116,16 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
-def _batches(images, onehot, batch_size, augment, seed, epoch):
+def _batches(images, onehot, batch_size, augment, seed, epoch, drop_remainder=False):
     """This epoch's shuffled arrays, or a PyDataset applying Keras core MixUp / CutMix to whole
-    batches (with generators seeded from (seed, epoch), like everything random here)."""
+    batches (with generators seeded from (seed, epoch), like everything random here).
+
+    ``drop_remainder``: leave out the last incomplete batch (data-parallel training splits
+    every batch evenly across devices); the order is new every epoch, so no image is always
+    left out."""
     order = epoch_order(len(images), seed, epoch)
+    if drop_remainder and len(order) > batch_size:
+        order = order[:len(order) - len(order) % batch_size]
     if not (augment.get("mixup") or augment.get("cutmix")):
         return images[order], onehot[order]
     import keras
@@ -151,7 +176,35 @@ def reseed_generators(model, seed: int, epoch: int) -> int:
 
 # ----------------------------------------------------------------------------- model set-up
 
-def _prepare_backend(settings: dict) -> None:
+def resolve_distribution(setting: str) -> dict:
+    """What ``train.distribution`` means on this backend and machine.
+
+    ``none``: one device. ``data_parallel``: ``keras.distribution.DataParallel`` over every
+    visible device (JAX backend only: Keras 3's distribution API is JAX's). ``auto``:
+    data-parallel when the JAX backend sees more than one accelerator, else one device.
+    ``batch_size`` is always the global batch, split evenly across the devices, and the
+    learning rate is used as given for that global batch (no automatic scaling).
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if setting == "none":
+        return {"mode": "none", "devices": 1}
+    if backend != "jax":
+        if setting == "data_parallel":
+            raise ValueError(f"train.distribution: data_parallel needs KERAS_BACKEND=jax (Keras 3 "
+                             f"distributes only on JAX); this process runs on {backend}")
+        return {"mode": "none", "devices": 1}
+    devices = keras.distribution.list_devices()
+    accelerators = [d for d in devices if not d.lower().startswith("cpu")]
+    if setting == "auto" and len(accelerators) < 2:
+        return {"mode": "none", "devices": 1}
+    chosen = accelerators if setting == "auto" else devices
+    return {"mode": "data_parallel", "devices": len(chosen), "device_names": chosen}
+
+
+def _prepare_backend(settings: dict) -> dict:
+    """Seed, precision, determinism and distribution; returns the resolved distribution."""
     import keras
 
     keras.utils.set_random_seed(settings["seed"])
@@ -160,6 +213,20 @@ def _prepare_backend(settings: dict) -> None:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+    train = settings["train"]
+    distribution = resolve_distribution(train["distribution"])
+    if distribution["mode"] == "data_parallel":
+        if train["batch_size"] % distribution["devices"]:
+            raise ValueError(f"train.batch_size: {train['batch_size']} does not split evenly "
+                             f"across {distribution['devices']} devices")
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=distribution["device_names"]))
+    elif keras.backend.backend() == "jax":
+        keras.distribution.set_distribution(None)
+    distribution.update(global_batch_size=train["batch_size"],
+                        per_device_batch_size=train["batch_size"] // distribution["devices"],
+                        learning_rate=train["learning_rate"])
+    return distribution
 
 
 def build_for_settings(settings: dict):
@@ -187,9 +254,20 @@ def _compile(model, settings: dict) -> None:
 
 
 def predict_proba(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities (softmax of the model's logits) for uint8 images."""
-    logits = model.predict(images, batch_size=batch_size, verbose=0)
-    return metrics.softmax(np.asarray(logits, dtype=np.float64))
+    """Class probabilities (softmax of the model's logits) for uint8 images.
+
+    Under a data-parallel distribution the images are padded to a multiple of the device count
+    (every batch must split evenly) and the padding is dropped from the result."""
+    import keras
+
+    devices = 1
+    if keras.backend.backend() == "jax" and keras.distribution.distribution() is not None:
+        devices = len(keras.distribution.distribution().device_mesh.devices.flatten())
+    padding = -len(images) % devices
+    if padding:
+        images = np.concatenate([images, np.repeat(images[-1:], padding, axis=0)])
+    logits = np.asarray(model.predict(images, batch_size=batch_size, verbose=0))
+    return metrics.softmax(logits[:len(logits) - padding].astype(np.float64))
 
 
 def machine_description() -> str:
@@ -212,6 +290,28 @@ def _cross_entropy(labels: np.ndarray, proba: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- training
+
+def training_key(settings: dict, data: FERData) -> str:
+    """The fingerprint of one training: settings, data, split and the training code. The code
+    that trains is part of the key: a fix to training retrains, a fix to a plot does not."""
+    counts = [int((data.split == split).sum()) for split in ("train", "val", "test")]
+    return fingerprint({"settings": settings, "data": data.source_hash, "counts": counts,
+                        "ids": fingerprint(data.source_ids.tolist()),
+                        "split": fingerprint(data.split.tolist()),
+                        "code": code_hash(*TRAINING_MODULES)})
+
+
+def finished_result(model_name: str, data: FERData, params: dict, run_dir,
+                    subdir: str | None = None) -> dict | None:
+    """``metrics.json`` of a finished training that is current for these settings and data,
+    else None (never trains)."""
+    out = Path(run_dir) / "models" / model_name / (subdir or "")
+    state = read_json(out / STATE_FILE)
+    key = training_key(model_settings(params, model_name), data)
+    if state and state.get("finished") and state.get("fingerprint") == key:
+        return read_json(out / "metrics.json")
+    return None
+
 
 def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bool = True,
           subdir: str | None = None) -> dict:
@@ -251,13 +351,7 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError(f"training {model_name}: need train and val images, got "
                          f"{len(x_train)} train and {len(x_val)} val")
-    # The code that trains is part of the key: a fix to training retrains, a fix to a plot
-    # does not.
-    key = fingerprint({"settings": settings, "data": data.source_hash,
-                       "counts": [len(x_train), len(x_val), len(x_test)],
-                       "ids": fingerprint(data.source_ids.tolist()),
-                       "split": fingerprint(data.split.tolist()),
-                       "code": code_hash(*TRAINING_MODULES)})
+    key = training_key(settings, data)
 
     state = read_json(out / STATE_FILE)
     if state and state.get("fingerprint") != key:
@@ -272,7 +366,7 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "settings.json", settings)
-    _prepare_backend(settings)
+    distribution = _prepare_backend(settings)
     batch_size = train_settings["batch_size"]
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     onehot = keras.utils.to_categorical(y_train, NUM_CLASSES).astype("float32")
@@ -296,14 +390,18 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
         say(f"{model.count_params():,} parameters; {len(x_train):,} train / {len(x_val):,} val "
             f"images; up to {train_settings['epochs']} epochs"
             + (f", safety stop after {train_settings['budget_minutes']:g} min" if budget
-               else ""))
+               else "")
+            + (f"; data-parallel over {distribution['devices']} devices, global batch "
+               f"{batch_size} ({distribution['per_device_batch_size']} per device)"
+               if distribution["mode"] == "data_parallel" else ""))
 
     while state["stopped_reason"] is None:
         epoch = len(state["history"])
         started = time.time()
         reseed_generators(model, settings["seed"], epoch)
         inputs, targets = _batches(x_train, onehot, batch_size, settings["augment"],
-                                   settings["seed"], epoch)
+                                   settings["seed"], epoch,
+                                   drop_remainder=distribution["mode"] == "data_parallel")
         # shuffle=False: the order comes from epoch_order. Keras' own shuffle reuses one seed
         # for every fit() call once set_random_seed was called: every epoch had one order.
         fitted = model.fit(inputs, targets, batch_size=batch_size if targets is not None
@@ -330,7 +428,8 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
         _log_epoch(say, state, train_settings, budget)
 
     return _finish(model_name, state, settings, out, (x_val, y_val), (x_test, y_test),
-                   data, say, run_dir=Path(run_dir), part=subdir or "")
+                   data, say, run_dir=Path(run_dir), part=subdir or "",
+                   distribution=distribution)
 
 
 def _update_state(state, model, out, epoch, val_accuracy, val_loss, train, budget) -> None:
@@ -387,7 +486,8 @@ def _log_epoch(say, state, train, budget) -> None:
         f"val_acc {row['val_accuracy']:.3f}  (best {state['best_val_accuracy']:.3f} "
         f"@{state['best_epoch']})  lr {row['learning_rate']:.2e}  "
         f"{timing['seconds']:.0f}s  {timing['images_per_second']:.0f} img/s  "
-        f"ETA {remaining / 60:.1f} min{stop}")
+        f"ETA {'<= ' if train['early_stopping_patience'] else ''}{remaining / 60:.1f} min"
+        f"{stop}")
 
 
 def record_test_scoring(run_dir: Path, model_name: str, part: str, key: str) -> int:
@@ -411,7 +511,7 @@ def count_test_scorings(run_dir: Path, model_name: str, part: str = "") -> int:
 
 
 def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: Path,
-            part: str) -> dict:
+            part: str, distribution: dict) -> dict:
     """Reload the best weights into a clean model, predict val/test, write metrics."""
     model = build_for_settings(settings)
     model.load_weights(out / state["best_weights"])
@@ -429,6 +529,7 @@ def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: 
                   [t["images_per_second"] for t in state["timing"]])),
               "parameters": int(model.count_params()),
               "machine": machine_description(),
+              "distribution": {k: v for k, v in distribution.items() if k != "device_names"},
               "val": metrics.classification_metrics(y_val, val_proba)}
     if len(x_test):
         result["privatetest_scorings"] = record_test_scoring(run_dir, model_name, part,
@@ -455,7 +556,7 @@ def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: 
 
 
 def train_cv(model_name: str, data: FERData, params: dict, run_dir, *,
-             progress: bool = True) -> dict:
+             progress: bool = True, folds: list[int] | None = None) -> dict | None:
     """Stratified k-fold cross-validation over train+val; each fold is tested on PrivateTest.
 
     Writes ``models/<name>/fold<k>/`` per fold (as :func:`train` does), and in
@@ -466,22 +567,39 @@ def train_cv(model_name: str, data: FERData, params: dict, run_dir, *,
       probabilities and their mean (the k-fold ensemble)
     - ``cv_metrics.json``: per-fold metrics, their mean and standard deviation, and the metrics
       of the pooled out-of-fold and the ensemble predictions
+
+    ``folds`` (1-based) trains only those folds, e.g. one per device in separate processes
+    (``python -m ferlib train --fold 2 --device 1``). The merge is written by whichever call
+    finds every fold finished; until then the call returns None.
     """
     k = params["cv_folds"]
+    unknown = sorted(set(folds or []) - set(range(1, k + 1)))
+    if unknown:
+        raise ValueError(f"fold: {unknown[0]} is not one of the {k} folds (1..{k})")
     pool = np.flatnonzero(data.split != "test")
-    folds = stratified_folds(data.labels[pool], k=k, seed=params["seed"])
+    splits = stratified_folds(data.labels[pool], k=k, seed=params["seed"])
     results = []
-    for index, (train_index, val_index) in enumerate(folds, start=1):
+    for index, (train_index, val_index) in enumerate(splits, start=1):
         split = data.split.copy()
         split[pool[train_index]], split[pool[val_index]] = "train", "val"
         fold_data = FERData(**{**data.__dict__, "split": split})
-        results.append(train(model_name, fold_data, params, run_dir, progress=progress,
-                             subdir=f"fold{index}"))
+        if folds is None or index in folds:
+            results.append(train(model_name, fold_data, params, run_dir, progress=progress,
+                                 subdir=f"fold{index}"))
+        else:
+            results.append(finished_result(model_name, fold_data, params, run_dir,
+                                           f"fold{index}"))
+    missing = [index for index, result in enumerate(results, start=1) if result is None]
+    if missing:
+        if progress:
+            print(f"[{model_name}] folds {', '.join(map(str, missing))} of {k} not trained yet: "
+                  f"the fold merge waits for them", flush=True)
+        return None
     directory = Path(run_dir) / "models" / model_name
     oof_proba = np.zeros((len(pool), NUM_CLASSES))
     fold_of = np.zeros(len(pool), np.int64)
     test_probas = []
-    for index, (_, val_index) in enumerate(folds, start=1):
+    for index, (_, val_index) in enumerate(splits, start=1):
         with np.load(directory / f"fold{index}" / "predictions.npz") as archive:
             # train() predicts val in dataset order, which is pool order restricted to the fold
             oof_proba[np.sort(val_index)] = archive["val_proba"]
