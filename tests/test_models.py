@@ -131,6 +131,32 @@ def test_no_augmentation_layers_without_augment_settings():
     assert not [layer for layer in model.layers if layer.name.startswith("random_")]
 
 
+def test_inference_model_drops_augmentation_and_keeps_the_weights(built, tmp_path):
+    name, model = built
+    images = uint8_batch(seed=3)
+    # (a fresh clone would have other random weights: equal outputs need the copied weights)
+    logits = to_numpy(model(images, training=False)).astype(np.float64)
+    copy = ferlib.models.inference_model(model, temperature=1.5)
+    layers = [layer for layer in copy._flatten_layers() if layer is not copy]
+    assert not [layer for layer in layers
+                if isinstance(layer, ferlib.models.AUGMENTATION_LAYERS)]
+    assert any(isinstance(layer, ferlib.models.AUGMENTATION_LAYERS)
+               for layer in model._flatten_layers())  # the study model keeps its own
+    scaled = logits / 1.5
+    expected = np.exp(scaled - scaled.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(to_numpy(copy(images[..., None], training=False)), expected,
+                               atol=1e-5)
+    path = tmp_path / "inference.keras"
+    copy.save(path)
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_allclose(to_numpy(reloaded(images[..., None], training=False)), expected,
+                               atol=1e-5)
+    raw = ferlib.models.inference_model(model, probabilities=False)
+    np.testing.assert_allclose(to_numpy(raw(images[..., None], training=False)), logits,
+                               atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- seeds
 
 def test_derived_seeds_are_distinct_reproducible_and_none_stays_none():

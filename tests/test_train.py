@@ -535,3 +535,103 @@ def test_mixup_cutmix_training_runs(tmp_path, data):
     assert result["stopped_reason"] == "completed" and result["epochs_run"] == 1
     history = history_of(out)
     assert history["epoch"].tolist() == [1] and np.isfinite(history["loss"]).all()
+
+
+# ----------------------------------------------------------------------------- profile runner, folds, devices
+
+def write_challenge_csv(path: Path, data: FERData) -> Path:
+    """``data`` as the challenge's ``emotion,pixels,Usage`` CSV (what FER2013_PATH may name)."""
+    usage = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+    rows = [f"{label},{' '.join(map(str, image.ravel()))},{usage[split]}"
+            for image, label, split in zip(data.images, data.labels, data.split)]
+    path.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_profile_runner_resumes_after_kill_mid_epoch(tmp_path):
+    """``python -m ferlib train --profile P`` killed with SIGKILL during an epoch and started
+    again continues from its last completed epoch: every epoch once in history.csv."""
+    epochs = 8
+    csv = write_challenge_csv(tmp_path / "fer2013.csv", synthetic_data(per_split=(60, 10, 10)))
+    profile = tmp_path / "resume.yaml"
+    profile.write_text(textwrap.dedent(f"""
+        seed: 0
+        models: [alexnet]
+        train: {{epochs: {epochs}, batch_size: 16, learning_rate: 0.003, warmup_epochs: 0,
+                 early_stopping_patience: null, tta: false}}
+        model_params: {{alexnet: {{width: 0.25, dense_units: 16}}}}
+    """))
+    run_dir = tmp_path / "run"
+    out = run_dir / "models" / "alexnet"
+    command = [sys.executable, "-m", "ferlib", "train", "--profile", str(profile),
+               "--run-dir", str(run_dir)]
+    env = {**os.environ, "FER2013_PATH": str(csv), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "FERLIB_CACHE": str(tmp_path / "cache")}
+    log = tmp_path / "first.log"
+    with open(log, "w") as handle:
+        child = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=handle,
+                                 stderr=subprocess.STDOUT)
+        try:
+            deadline, done = time.time() + 300, 0
+            while time.time() < deadline and child.poll() is None and done < 2:
+                try:
+                    done = len(read_json(out / "state.json", {}).get("history", []))
+                except json.JSONDecodeError:
+                    pass
+                time.sleep(0.02)
+            assert child.poll() is None, f"finished before the kill:\n{log.read_text()[-2000:]}"
+            os.kill(child.pid, signal.SIGKILL)  # during epoch 3 (or its checkpoint)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=60)
+    killed_at = len(read_json(out / "state.json")["history"])
+    assert 2 <= killed_at < epochs and not (out / "metrics.json").exists()
+
+    second = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"resuming after epoch {killed_at}" in second.stdout
+    assert history_of(out)["epoch"].tolist() == list(range(1, epochs + 1))
+    assert read_json(out / "metrics.json")["epochs_run"] == epochs
+    assert not list(out.parent.glob("alexnet.stale-*"))
+
+    status = subprocess.run([sys.executable, "-m", "ferlib", "status", "--profile", str(profile),
+                             "--run-dir", str(run_dir)], cwd=PROJECT_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert f"{epochs}/{epochs}" in status.stdout and "finished: completed" in status.stdout
+
+
+def test_cv_folds_can_train_separately_and_merge_when_all_are_done(tmp_path, data):
+    params = make_params({"epochs": 1}, cv_folds=2)
+    assert train_cv("alexnet", data, params, tmp_path, progress=False, folds=[2]) is None
+    model_dir = tmp_path / "models" / "alexnet"
+    assert (model_dir / "fold2" / "metrics.json").exists()
+    assert not (model_dir / "fold1").exists() and not (model_dir / "cv_metrics.json").exists()
+    summary = train_cv("alexnet", data, params, tmp_path, progress=False, folds=[1])
+    assert summary["folds"] == 2 and (model_dir / "cv_metrics.json").exists()
+    assert [row["fold"] for row in summary["per_fold"]] == [1, 2]
+    # fold 2 was not trained again by the second call
+    assert read_json(model_dir / "fold2" / "state.json")["finished"]
+    with pytest.raises(ValueError, match="fold: 3 is not one of the 2 folds"):
+        train_cv("alexnet", data, params, tmp_path, progress=False, folds=[3])
+
+
+def test_distribution_on_tensorflow_is_one_device_or_a_clear_error():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("checks the TensorFlow backend")
+    assert ferlib.train.resolve_distribution("none")["mode"] == "none"
+    assert ferlib.train.resolve_distribution("auto")["mode"] == "none"
+    with pytest.raises(ValueError, match="data_parallel needs KERAS_BACKEND=jax"):
+        ferlib.train.resolve_distribution("data_parallel")
+
+
+def test_data_parallel_batches_drop_only_the_incomplete_last_batch(data):
+    images, onehot = data.images[:100], np.eye(NUM_CLASSES, dtype="float32")[data.labels[:100]]
+    x, _ = ferlib.train._batches(images, onehot, 32, {}, seed=1, epoch=0, drop_remainder=True)
+    assert len(x) == 96
+    full, _ = ferlib.train._batches(images, onehot, 32, {}, seed=1, epoch=0)
+    np.testing.assert_array_equal(x, full[:96])  # same order, the tail left out
+    other, _ = ferlib.train._batches(images, onehot, 32, {}, seed=1, epoch=1, drop_remainder=True)
+    assert not np.array_equal(np.sort(x.reshape(96, -1), 0), np.sort(other.reshape(96, -1), 0))
