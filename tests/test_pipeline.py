@@ -9,12 +9,12 @@ import shutil
 from pathlib import Path
 
 import nbformat
-import numpy as np
 import pytest
-from PIL import Image
 
-from ferlib import EMOTIONS, pipeline, runs
+from ferlib import pipeline, runs
 from ferlib.config import PROJECT_ROOT, load_params, parse_overrides
+
+from conftest import make_fer_folder
 
 MACHINE_PATH = re.compile(r"/(home|root|tmp|work)/")
 HEADER_FIRST = re.compile(r'<body[^>]*>\s*(?:<main>\s*)?<div class="ferlib-provenance">')
@@ -263,18 +263,7 @@ def test_index_has_header_and_relative_run_directory(machine):
 @pytest.fixture(scope="module")
 def fixture_dataset(tmp_path_factory):
     """A small FER-style image folder with the official split in the file names."""
-    root = tmp_path_factory.mktemp("fer") / "fer2013"
-    rng = np.random.default_rng(0)
-    counts = {"Training": ("train", 24), "PublicTest": ("test", 8), "PrivateTest": ("test", 8)}
-    for prefix, (folder, per_class) in counts.items():
-        for label, emotion in enumerate(EMOTIONS):
-            directory = root / folder / emotion
-            directory.mkdir(parents=True, exist_ok=True)
-            for index in range(per_class):
-                image = rng.integers(0, 60, (48, 48)).astype(np.uint8)
-                image[6 * label:6 * label + 8, 10:38] = 220  # a class-specific bright band
-                Image.fromarray(image).save(directory / f"{prefix}_{label}{index:03d}.png")
-    return root
+    return make_fer_folder(tmp_path_factory.mktemp("fer") / "fer2013")
 
 
 @pytest.fixture(scope="module")
