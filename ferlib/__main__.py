@@ -1,4 +1,5 @@
-"""Command line: ``python -m ferlib <command>`` (report, train, evaluate, predict, data-summary)."""
+"""Command line: ``python -m ferlib <command>`` (report, train, status, evaluate, predict, export,
+data-summary)."""
 
 from __future__ import annotations
 
@@ -112,14 +113,15 @@ def main(argv=None) -> int:
     report_parser.add_argument("--force", action="store_true",
                                help="re-execute every notebook")
 
-    from ferlib import apply
+    from ferlib import apply, export
 
     apply.add_commands(commands)
+    export.add_commands(commands)
 
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, export.MissingDependencyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
