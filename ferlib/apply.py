@@ -10,7 +10,9 @@ Two commands wrap the two functions of this module:
 ``python -m ferlib predict photo.jpg photos/ --model best.keras``
     :func:`predict`: finds faces with OpenCV's Haar cascade, crops them to 48x48 gray and
     prints the most likely emotions per face, optionally drawing them onto copies of the images
-    and writing a saliency map per face (``--explain DIR``).
+    and writing a saliency map per face (``--explain DIR``). Given a video file or
+    ``--camera N`` instead, it runs ``ferlib.video.predict_video``: sampled frames, face
+    tracks, per-frame rows (``--out rows.csv``) and the share of time per emotion.
 
 Both use the temperature stored in ``calibration.json`` beside the model
 (``ferlib.calibration``) unless ``--no-calibration`` is given: the probabilities are then
@@ -651,7 +653,45 @@ def _evaluate_command(args) -> int:
     return 0
 
 
+VIDEO_OPTIONS = ("every", "out", "annotate_video", "smooth")
+IMAGE_OPTIONS = {"annotate": "--annotate (use --annotate-video)", "explain": "--explain",
+                 "detect": "--no-detect"}
+
+
+def _predict_video_command(args) -> int:
+    from ferlib.video import VideoError, format_video_summary, predict_video
+
+    if args.camera is not None and args.images:
+        raise ValueError("predict: give either --camera N or files, not both")
+    if args.camera is None and len(args.images) > 1:
+        raise ValueError("predict: a video is classified on its own; give one video per "
+                         "command (or only images)")
+    used = [text for option, text in IMAGE_OPTIONS.items()
+            if getattr(args, option) not in (None, True)]
+    if used:
+        raise ValueError(f"predict: {', '.join(used)}: only for images, not for a video")
+    source = args.camera if args.camera is not None else args.images[0]
+    try:
+        summary = predict_video(source, args.model, every=args.every or 1, out=args.out,
+                                annotate_video=args.annotate_video, smooth=args.smooth or 1,
+                                calibration=args.calibration)
+    except VideoError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2) if args.json else format_video_summary(summary))
+    return 0
+
+
 def _predict_command(args) -> int:
+    if args.camera is not None or any(_is_video(path) for path in args.images):
+        return _predict_video_command(args)
+    if not args.images:
+        raise ValueError("predict: give image files or folders, a video, or --camera N")
+    given = [f"--{option.replace('_', '-')}" for option in VIDEO_OPTIONS
+             if getattr(args, option) is not None]
+    if given:
+        raise ValueError(f"predict: {', '.join(given)}: only for a video or --camera, not for "
+                         f"images")
     results = predict(args.images, args.model, detect=args.detect, top=args.top,
                       annotate=args.annotate, calibration=args.calibration,
                       explain=args.explain, explain_method=args.explain_method)
@@ -668,6 +708,12 @@ def _predict_command(args) -> int:
         print(f"{len(results) - len(failed)} of {len(results)} images processed, "
               f"{len(failed)} unreadable", file=sys.stderr)
     return 1 if len(failed) == len(results) else 0
+
+
+def _is_video(path) -> bool:
+    from ferlib.video import is_video
+
+    return is_video(path)
 
 
 def add_commands(commands) -> None:
@@ -704,11 +750,15 @@ def add_commands(commands) -> None:
     evaluate_parser.set_defaults(handler=_evaluate_command)
 
     predict_parser = commands.add_parser(
-        "predict", help="classify the faces in images with a saved model",
+        "predict", help="classify the faces in images, a video or a camera with a saved model",
         description="Find faces (OpenCV Haar cascade), classify each and print the most likely "
-                    "emotions. Exit code 1 only if no image could be read.")
-    predict_parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
-                                help="image files or folders (searched recursively)")
+                    "emotions. For a video (or --camera N): sample frames, track faces, write "
+                    "per-frame rows and print the share of time per emotion. Exit code 1 only "
+                    "if no image could be read, or the video or camera cannot be read.")
+    predict_parser.add_argument("images", nargs="*", metavar="IMAGE_DIR_OR_VIDEO",
+                                help="image files or folders (searched recursively), or one "
+                                     "video file (.mp4, .avi, .mov, .mkv, .webm or any other "
+                                     "file OpenCV reads)")
     predict_parser.add_argument("--model", required=True, action="append",
                                 help="a .keras model; repeat it for an ensemble (the mean of "
                                      "their probabilities; --explain shows the first one's "
@@ -729,4 +779,18 @@ def add_commands(commands) -> None:
     predict_parser.add_argument("--explain-method", default="auto",
                                 choices=("auto", "grad_cam", "occlusion"),
                                 help="saliency method for --explain (default auto: Grad-CAM)")
+    video = predict_parser.add_argument_group("video and camera")
+    video.add_argument("--camera", type=int, metavar="N",
+                       help="read camera N (0: the first) instead of files, until Ctrl-C")
+    video.add_argument("--every", type=int, metavar="N",
+                       help="classify every Nth frame (default 1: all)")
+    video.add_argument("--out", metavar="FILE",
+                       help="rows.csv or rows.jsonl: one row per sampled frame and face "
+                            "(frame, time_s, track, x, y, w, h, the 7 probabilities, emotion)")
+    video.add_argument("--annotate-video", metavar="FILE",
+                       help="copy of the sampled frames with boxes, track ids and emotions "
+                            "(.mp4 or .avi)")
+    video.add_argument("--smooth", type=int, metavar="K",
+                       help="average each face track's probabilities over its last K "
+                            "samples (default 1: none)")
     predict_parser.set_defaults(handler=_predict_command)
