@@ -1,6 +1,9 @@
 # FER2013 study: ViT vs ResNet50V2 vs AlexNet-style CNN. `make help` lists the targets.
 PROFILE ?= quick
-PYTHON ?= python3.11
+# The first supported interpreter on PATH (3.11 first: the study's numbers were measured on it),
+# or PYTHON=/path/to/python3.x. TensorFlow 2.21 has wheels for 3.11-3.13 only.
+SUPPORTED_PYTHONS := python3.11 python3.12 python3.13 python3
+PYTHON ?= $(firstword $(foreach candidate,$(SUPPORTED_PYTHONS),$(shell command -v $(candidate) >/dev/null 2>&1 && $(candidate) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null && echo $(candidate))))
 VENV ?= .venv
 BIN := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -14,7 +17,9 @@ help: ## list the targets
 	@echo "  variables: PROFILE=$(PROFILE) (smoke | quick | paper), FER2013_PATH=path to the data"
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	@test -n "$(PYTHON)" || { echo "error: no supported Python found (3.11, 3.12 or 3.13 as python3.x on PATH); install one or run make PYTHON=/path/to/python3.x"; exit 1; }
+	@echo "creating $(VENV) with $(PYTHON) ($$($(PYTHON) --version 2>&1))"
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python

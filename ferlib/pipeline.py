@@ -333,6 +333,7 @@ def provenance_header(provenance: dict) -> str:
                      f"(backend {text('keras_backend')}), "
                      f"keras-hub {text('keras_hub', 'not installed')}"),
         ("machine", text("machine")),
+        *((("training", text("training")),) if provenance.get("training") else ()),
         ("date", html.escape(str(provenance.get("date") or "unknown").replace("T", " "))),
     ]
     spans = "\n".join(f"<span><b>{label}</b> {value}</span>" for label, value in items)

@@ -648,3 +648,16 @@ def ensemble_significance(results: dict[str, ModelResult], ensemble_results: dic
     table = pd.DataFrame(rows).reset_index(drop=True)
     return table.drop(columns=["p_holm", "significant_at_0.05"], errors="ignore").assign(
         significant_at_0_05=lambda frame: frame.mcnemar_p < 0.05)
+
+
+def distribution_sentence(metrics: dict) -> str:
+    """How a model was trained across devices, from its ``metrics.json``, for the reports."""
+    setup = metrics.get("distribution") or {"mode": "none", "devices": 1}
+    if setup["mode"] != "data_parallel":
+        batch = setup.get("global_batch_size")
+        return "Trained on one device" + (f", batch {batch}." if batch else ".")
+    return (f"Data-parallel over {setup['devices']} devices (keras.distribution.DataParallel): "
+            f"global batch {setup['global_batch_size']} = {setup['devices']} x "
+            f"{setup['per_device_batch_size']} per device; learning rate "
+            f"{setup['learning_rate']:.2e} used as given for the global batch (not scaled); "
+            f"each epoch leaves out its last incomplete batch.")

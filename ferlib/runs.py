@@ -184,7 +184,8 @@ def provenance(params: dict, data_path: Path, data_hash: str, env: dict | None =
         ``profile``, ``dataset`` (file name), ``dataset_sha256``, ``git_commit`` (full sha or
         None outside git), ``git_dirty`` (uncommitted changes to tracked files),
         ``tensorflow``, ``keras``, ``keras_hub`` (versions or None), ``keras_backend``,
-        ``machine`` (GPU names if any, CPU model and core count) and ``date``.
+        ``machine`` (GPU names if any, CPU model and core count), ``training`` (the
+        distribution setting and global batch sizes) and ``date``.
     """
     env = environment() if env is None else env
     commit = env.get("git_commit") or ""
@@ -198,7 +199,23 @@ def provenance(params: dict, data_path: Path, data_hash: str, env: dict | None =
             "git_dirty": commit.endswith("-dirty"),
             "tensorflow": packages.get("tensorflow"), "keras": packages.get("keras"),
             "keras_hub": packages.get("keras-hub"), "keras_backend": env.get("keras_backend"),
-            "machine": machine, "date": env.get("time")}
+            "machine": machine, "training": training_setup(params), "date": env.get("time")}
+
+
+def training_setup(params: dict) -> str | None:
+    """``train.distribution`` and the global batch size(s): "none; global batch 64" or
+    "data_parallel; global batch alexnet 64, vit 128". The batch is the global one, split across
+    devices when data-parallel; the learning rate is used as given (not scaled)."""
+    if "train" not in params:
+        return None
+    from ferlib.config import model_settings
+
+    sizes = {name: model_settings(params, name)["train"]["batch_size"]
+             for name in params.get("models", [])}
+    batches = (str(next(iter(set(sizes.values())))) if len(set(sizes.values())) == 1
+               else ", ".join(f"{name} {size}" for name, size in sizes.items()))
+    return (f"distribution {params['train']['distribution']}; global batch {batches}; "
+            f"learning rate not scaled with the device count")
 
 
 def progress_table(directory: Path, params: dict):

@@ -201,6 +201,13 @@ def test_provenance_dict_and_header():
     for fact in ("smoke", "TensorFlow 2.21.0", "Keras 3.15.0", "keras-hub 0.20.0", "tensorflow",
                  "Some CPU", "2025-06-01"):
         assert fact in header
+    params = load_params("smoke", {"train_overrides": {"vit": {"batch_size": 16}}})
+    with_training = runs.provenance(params, Path("fer2013.zip"), sha, fake_environment(None))
+    assert with_training["training"] == ("distribution none; global batch alexnet 32, "
+                                         "resnet50v2 32, vit 16; learning rate not scaled with "
+                                         "the device count")
+    assert "<b>training</b> distribution none; global batch" in pipeline.provenance_header(
+        with_training)
     outside_git = runs.provenance({"profile": "smoke"}, Path("fer2013.zip"), sha,
                                   fake_environment(None))
     assert outside_git["git_commit"] is None and not outside_git["git_dirty"]

@@ -179,3 +179,14 @@ def test_ensemble_refuses_models_scored_on_different_images():
     second.predictions["test_ids"] = second.predictions["test_ids"][::-1]
     with pytest.raises(ValueError, match="other images"):
         results.ensemble_result({"a": first, "b": second})
+
+
+def test_distribution_sentence_states_batch_split_and_learning_rate():
+    assert results.distribution_sentence({}) == "Trained on one device."
+    one = {"distribution": {"mode": "none", "devices": 1, "global_batch_size": 64}}
+    assert results.distribution_sentence(one) == "Trained on one device, batch 64."
+    parallel = {"distribution": {"mode": "data_parallel", "devices": 4, "global_batch_size": 256,
+                                 "per_device_batch_size": 64, "learning_rate": 1e-3}}
+    sentence = results.distribution_sentence(parallel)
+    assert "over 4 devices" in sentence and "global batch 256 = 4 x 64 per device" in sentence
+    assert "1.00e-03 used as given" in sentence and "not scaled" in sentence
