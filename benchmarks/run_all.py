@@ -8,6 +8,8 @@ Benchmarks (``--only`` picks some, in this order):
   augmentation overhead (target: at most 15 % of throughput) and the FLOP rate as a fraction
   of the matmul peak (so ``train`` also runs ``matmul_peak``)
 - ``inference``: single-image latency and batch throughput per model
+- ``export``: the same figures for Keras vs ONNX Runtime vs LiteRT, after ``ferlib.export``
+  (needs ``pip install -e .[export]`` for ONNX; a missing runtime is reported, not measured)
 - ``smoke_report``: wall time of ``make report PROFILE=smoke`` in a temporary folder
 
 Every figure is measured in this one run on this machine: compare speeds only within a run
@@ -26,6 +28,7 @@ import traceback
 from pathlib import Path
 
 import bench_data
+import bench_export
 import bench_inference
 import bench_matmul
 import bench_smoke_report
@@ -33,7 +36,7 @@ import bench_train
 import common
 
 BENCHMARKS = {module.NAME: module for module in (
-    bench_data, bench_matmul, bench_train, bench_inference, bench_smoke_report)}
+    bench_data, bench_matmul, bench_train, bench_inference, bench_export, bench_smoke_report)}
 # Benchmarks whose figures another one needs: it runs first even when not asked for.
 NEEDS = {"train": ["matmul_peak"]}
 OUTPUT = common.BENCHMARKS_DIR / "results.json"
