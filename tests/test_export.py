@@ -308,6 +308,24 @@ def test_unreadable_video_is_a_clear_error_without_output(trained_model, tmp_pat
     assert sorted(path.name for path in tmp_path.iterdir()) == ["x.mp4"]
 
 
+def test_videos_are_recognised_by_suffix_or_by_opening_them(portrait_video, tmp_path):
+    import shutil
+
+    odd = Path(shutil.copy(portrait_video, tmp_path / "clip.data"))  # no video suffix
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a video\n")
+    assert video.is_video(portrait_video) and video.is_video(odd)
+    assert video.is_video(tmp_path / "missing.mov")  # then reported as missing, exit 1
+    assert not video.is_video(notes) and not video.is_video(tmp_path / "photo.jpg")
+
+
+def test_missing_camera_is_a_clear_error(trained_model, capsys):
+    code = main(["predict", "--camera", "97", "--model", str(trained_model)])
+
+    assert code == 1
+    assert capsys.readouterr().err.startswith("error: --camera 97: no camera could be opened")
+
+
 def test_video_output_is_removed_when_classification_fails(portrait_video, tmp_path,
                                                            monkeypatch):
     from ferlib import apply
