@@ -672,8 +672,10 @@ def _predict_video_command(args) -> int:
         raise ValueError(f"predict: {', '.join(used)}: only for images, not for a video")
     source = args.camera if args.camera is not None else args.images[0]
     try:
-        summary = predict_video(source, args.model, every=args.every or 1, out=args.out,
-                                annotate_video=args.annotate_video, smooth=args.smooth or 1,
+        summary = predict_video(source, args.model,
+                                every=1 if args.every is None else args.every, out=args.out,
+                                annotate_video=args.annotate_video,
+                                smooth=1 if args.smooth is None else args.smooth,
                                 calibration=args.calibration)
     except VideoError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -765,7 +767,9 @@ def add_commands(commands) -> None:
                                      "saliency)")
     predict_parser.add_argument("--no-detect", dest="detect", action="store_false",
                                 help="treat each whole image as an already cropped face")
-    predict_parser.add_argument("--json", action="store_true", help="print a JSON list")
+    predict_parser.add_argument("--json", action="store_true",
+                                help="print JSON: a list of results per image, or a video's "
+                                     "summary")
     predict_parser.add_argument("--annotate", metavar="OUT",
                                 help="folder for copies of the images with boxes and labels")
     predict_parser.add_argument("--top", type=int, default=3,

@@ -353,6 +353,9 @@ def test_video_options_are_checked(trained_model, tmp_path, portrait_video, caps
     assert main(["predict", str(tmp_path), "--model", str(trained_model), "--every", "2"]) == 2
     assert "only for a video or --camera" in capsys.readouterr().err
     assert main(["predict", "--model", str(trained_model)]) == 2
+    assert main(["predict", str(portrait_video), "--model", str(trained_model),
+                 "--every", "0"]) == 2
+    assert "--every must be at least 1" in capsys.readouterr().err
 
 
 def test_tracker_follows_overlapping_boxes_and_starts_new_tracks():
