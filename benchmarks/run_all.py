@@ -7,6 +7,8 @@ Benchmarks (``--only`` picks some, in this order):
 - ``train``: training images/s per model at the quick profile's sizes, the stem and
   augmentation overhead (target: at most 15 % of throughput) and the FLOP rate as a fraction
   of the matmul peak (so ``train`` also runs ``matmul_peak``)
+- ``backends``: training images/s per model under each Keras backend (TensorFlow, JAX, and
+  PyTorch when installed), one child process per backend
 - ``inference``: single-image latency and batch throughput per model
 - ``export``: the same figures for Keras vs ONNX Runtime vs LiteRT, after ``ferlib.export``
   (needs ``pip install -e .[export]`` for ONNX; a missing runtime is reported, not measured)
@@ -27,6 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
+import bench_backends
 import bench_data
 import bench_export
 import bench_inference
@@ -36,7 +39,8 @@ import bench_train
 import common
 
 BENCHMARKS = {module.NAME: module for module in (
-    bench_data, bench_matmul, bench_train, bench_inference, bench_export, bench_smoke_report)}
+    bench_data, bench_matmul, bench_train, bench_backends, bench_inference, bench_export,
+    bench_smoke_report)}
 # Benchmarks whose figures another one needs: it runs first even when not asked for.
 NEEDS = {"train": ["matmul_peak"]}
 OUTPUT = common.BENCHMARKS_DIR / "results.json"

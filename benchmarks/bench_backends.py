@@ -1,0 +1,117 @@
+"""Benchmark ``backends``: training images/s of each quick-profile model under each Keras
+backend on this CPU (TensorFlow, JAX, and PyTorch when installed).
+
+A backend is fixed when Keras is first imported, so each backend is measured in its own child
+process (this file run with ``--child BACKEND``), one after the other within this one run. Each
+child builds the models exactly as ``ferlib.train`` does for the quick profile and reports the
+best of a few timed one-epoch fits on random images (``bench_train.fit_images_per_second``).
+A backend that is not installed is reported as such, not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import common
+
+NAME = "backends"
+BACKENDS = ("tensorflow", "jax", "torch")
+FASTER_BY_PERCENT = 15.0  # the README names a backend only when it wins by at least this much
+
+
+def installed(backend: str) -> bool:
+    return importlib.util.find_spec(backend) is not None
+
+
+def child(quick: bool) -> dict:
+    """In a process whose KERAS_BACKEND is already set: images/s per model."""
+    import keras
+    import numpy as np
+
+    import bench_train
+    from ferlib import NUM_CLASSES
+
+    rates = {}
+    for name in common.model_names():
+        keras.backend.clear_session()
+        model, settings = common.build_quick_model(name)
+        batch_size = settings["train"]["batch_size"]
+        batches = bench_train.QUICK_TIMED_BATCHES if quick else bench_train.TIMED_BATCHES
+        images = common.random_images(batch_size * batches)
+        labels = np.random.default_rng(1).integers(0, NUM_CLASSES, size=len(images))
+        targets = keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
+        warmup = batch_size * bench_train.WARMUP_BATCHES
+        bench_train.fit_images_per_second(model, images[:warmup], targets[:warmup], batch_size)
+        repeats = bench_train.QUICK_REPEATS if quick else bench_train.REPEATS
+        measured = [bench_train.fit_images_per_second(model, images, targets, batch_size)
+                    for _ in range(repeats)]
+        rates[name] = {"images_per_second": max(measured), "all_images_per_second": measured,
+                       "batch_size": batch_size}
+    return {"backend": keras.backend.backend(), "keras": keras.__version__, "models": rates}
+
+
+def run(quick: bool = False, context: dict | None = None) -> dict:
+    results = {}
+    for backend in BACKENDS:
+        if not installed(backend):
+            results[backend] = {"status": f"not installed (pip install {backend})"}
+            continue
+        command = [sys.executable, __file__, "--child", backend] + (["--quick"] if quick else [])
+        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env,
+                              cwd=common.BENCHMARKS_DIR)
+        if done.returncode:
+            results[backend] = {"status": "failed", "error": done.stderr.strip()[-1500:]}
+            continue
+        results[backend] = {"status": "measured",
+                            **json.loads(done.stdout.strip().splitlines()[-1])}
+    measured = {backend: result for backend, result in results.items()
+                if result["status"] == "measured"}
+    verdicts = {}
+    for name in common.model_names():
+        rates = {backend: result["models"][name]["images_per_second"]
+                 for backend, result in measured.items()}
+        if "tensorflow" in rates and len(rates) > 1:
+            best = max(rates, key=rates.get)
+            gain = 100.0 * (rates[best] / rates["tensorflow"] - 1.0)
+            verdicts[name] = {"fastest": best, "percent_over_tensorflow": gain,
+                              "clearly_faster": best != "tensorflow" and gain >= FASTER_BY_PERCENT}
+    return {"settings": {"profile": common.PROFILE, "data": "random uint8 (N, 48, 48, 1)",
+                         "statistic": "best of the timed one-epoch fits per model (bench_train)",
+                         "order": "one child process per backend, one after the other",
+                         "faster_by_percent": FASTER_BY_PERCENT},
+            "backends": results, "verdicts": verdicts}
+
+
+def print_section(section: dict) -> None:
+    names = common.model_names()
+    rows = []
+    for backend, result in section["backends"].items():
+        if result["status"] != "measured":
+            rows.append([backend, *([None] * len(names)), result["status"]])
+            continue
+        rows.append([backend, *(result["models"][name]["images_per_second"] for name in names),
+                     f"Keras {result['keras']}"])
+    common.print_table("backends: training img/s per model on this CPU",
+                       ["backend", *names, "note"], rows)
+    for name, verdict in section["verdicts"].items():
+        print(f"  {name}: fastest {verdict['fastest']} "
+              f"({verdict['percent_over_tensorflow']:+.0f}% vs tensorflow)"
+              + ("  <- clearly faster" if verdict["clearly_faster"] else ""))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.quick)))
+    else:
+        section = run(args.quick)
+        print_section(section)
