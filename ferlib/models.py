@@ -86,16 +86,51 @@ def augmentation_layers(augment: dict | None, seed: int | None = None) -> list[l
     return stack
 
 
+@keras.saving.register_keras_serializable(package="ferlib")
+class Augmentation(layers.Layer):
+    """The augmentation layers, applied only when called with ``training=True`` (``fit``).
+
+    Keras' random layers default to ``training=True`` and, called with ``training=None``,
+    switch the whole call to training mode: ``model(x)`` would then run BatchNormalization on
+    batch statistics. Inside this layer they run only when training is asked for, so
+    ``model(x)``, ``predict`` and exported graphs are plain inference.
+    """
+
+    def __init__(self, augment: dict | None = None, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.augment, self.seed = dict(augment or {}), seed
+        self.stack = augmentation_layers(self.augment, seed)
+
+    def build(self, input_shape):
+        for layer in self.stack:
+            layer.build(input_shape)
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        for layer in self.stack:
+            inputs = layer(inputs, training=True)
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "augment": self.augment, "seed": self.seed}
+
+
 def stem(inputs, input_size: int, augment: dict | None, scale_to: str, seed=None):
     """uint8 gray -> augmented, resized, 3-channel float in the backbone's range.
 
     ``scale_to`` is ``"unit"`` for [0, 1] or ``"symmetric"`` for [-1, 1].
     """
     x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    for layer in augmentation_layers(augment, seed):
-        x = layer(x)
+    if augmentation_layers(augment):
+        x = Augmentation(augment, seed, name="augmentation")(x)
     if input_size != IMAGE_SIZE:
-        x = layers.Resizing(input_size, input_size, name="resize")(x)
+        # training=False: a preprocessing layer's default (True) would switch BatchNormalization
+        # to batch statistics in ``model(x)``; resizing is the same in training anyway.
+        x = layers.Resizing(input_size, input_size, name="resize")(x, training=False)
     x = GrayToRGB(name="gray_to_rgb")(x)
     if scale_to == "symmetric":
         x = layers.Rescaling(2.0, offset=-1.0, name="to_symmetric")(x)
@@ -251,8 +286,9 @@ def build_model(name: str, *, num_classes: int = NUM_CLASSES, **hyperparameters)
     return REGISTRY[name](num_classes, **hyperparameters)
 
 
-AUGMENTATION_LAYERS = (layers.RandomFlip, layers.RandomRotation, layers.RandomTranslation,
-                       layers.RandomZoom, layers.RandAugment, layers.RandomErasing)
+AUGMENTATION_LAYERS = (Augmentation, layers.RandomFlip, layers.RandomRotation,
+                       layers.RandomTranslation, layers.RandomZoom, layers.RandAugment,
+                       layers.RandomErasing)
 
 
 def inference_model(model: keras.Model, *, temperature: float | None = None,
@@ -273,12 +309,16 @@ def inference_model(model: keras.Model, *, temperature: float | None = None,
     for layer in copy.layers:
         if layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
-    x = copy.outputs[0]
+    # Called with training=False: a model saved before augmentation moved into ``Augmentation``
+    # would otherwise run BatchNormalization in training mode when called without it.
+    image = keras.Input(shape=copy.inputs[0].shape[1:], dtype=copy.inputs[0].dtype,
+                        name="image")
+    x = copy(image, training=False)
     if temperature is not None and temperature != 1.0:
         x = layers.Rescaling(1.0 / float(temperature), name="temperature")(x)
     if probabilities:
         x = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(copy.inputs, x, name=f"{model.name}_inference")
+    return keras.Model(image, x, name=f"{model.name}_inference")
 
 
 def count_flops(model: keras.Model) -> int | None:

@@ -255,3 +255,15 @@ def test_vit_imagenet_offline_says_how_to_supply_the_preset(monkeypatch):
 def test_alexnet_has_no_imagenet_weights():
     with pytest.raises(ValueError, match="no ImageNet weights"):
         build_model("alexnet", weights="imagenet", **TINY["alexnet"])
+
+
+def test_calling_the_model_without_training_is_inference(built):
+    """Augmentation runs only in fit: ``model(x)`` (no training argument) must neither augment
+    nor switch BatchNormalization to batch statistics."""
+    name, model = built
+    images = uint8_batch(seed=4)
+    default = to_numpy(model(images[..., None]))
+    np.testing.assert_allclose(default, to_numpy(model(images[..., None], training=False)),
+                               atol=1e-5)
+    np.testing.assert_allclose(default, to_numpy(model.predict(images[..., None], verbose=0)),
+                               atol=1e-4)
