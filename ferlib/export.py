@@ -79,13 +79,9 @@ def require(module: str, package: str | None = None, purpose: str = "this export
 # ----------------------------------------------------------------------------- model
 
 def exportable_model(model, temperature=None):
-    """The inference copy of a trained model, wrapped for export.
-
-    ``ferlib.models.inference_model`` replaces the augmentation layers by ``Identity`` layers
-    that keep the ``training=True`` call argument the augmentation layers were wired with, so
-    the copy called without ``training`` runs BatchNormalization on batch statistics. Exporters
-    trace exactly that call; the wrapper calls the copy with ``training=False`` and has a single
-    (not a list) input named ``image``.
+    """The inference copy of a trained model (``ferlib.models.inference_model``): no
+    augmentation layers, called with ``training=False``, one uint8 input named ``image``,
+    probabilities out.
 
     Parameters
     ----------
@@ -99,13 +95,9 @@ def exportable_model(model, temperature=None):
     keras.Model
         uint8 ``(batch, 48, 48, 1)`` -> float32 ``(batch, 7)`` probabilities.
     """
-    import keras
-
     from ferlib.models import inference_model
 
-    copy = inference_model(model, temperature=temperature)
-    image = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype="uint8", name="image")
-    return keras.Model(image, copy(image, training=False), name=f"{model.name}_export")
+    return inference_model(model, temperature=temperature)
 
 
 def input_spec():
