@@ -6,6 +6,10 @@ process (this file run with ``--child BACKEND``), one after the other within thi
 child builds the models exactly as ``ferlib.train`` does for the quick profile and reports the
 best of a few timed one-epoch fits on random images (``bench_train.fit_images_per_second``).
 A backend that is not installed is reported as such, not measured.
+
+Run on its own (``python benchmarks/bench_backends.py [--quick]``) it merges its section into
+``benchmarks/results.json`` (``--quick``: ``results-quick.json``); ``run_all.py --only
+backends`` runs it with the others.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import common
 
@@ -113,5 +118,8 @@ if __name__ == "__main__":
     if args.child:
         print(json.dumps(child(args.quick)))
     else:
+        started = time.perf_counter()
         section = run(args.quick)
+        section["benchmark_seconds"] = time.perf_counter() - started
         print_section(section)
+        common.merge_section(NAME, section, args.quick)

@@ -192,21 +192,12 @@ def main(argv=None) -> int:
                                                     "(default: results.json, or "
                                                     "results-quick.json with --quick)")
     args = parser.parse_args(argv)
-    from ferlib.runs import environment, read_json, write_json
-
     models = [name.strip() for name in args.models.split(",")] if args.models else None
-    output = args.output or common.BENCHMARKS_DIR / ("results-quick.json" if args.quick
-                                                     else "results.json")
     started = time.perf_counter()
     section = run(quick=args.quick, models=models)
     section["benchmark_seconds"] = time.perf_counter() - started
-    section["machine"] = environment()  # this section may be newer than the file's others
-    section["quick"] = args.quick
     print_section(section)
-    results = read_json(output, {})
-    results[NAME] = section
-    write_json(output, results)
-    print(f"\nwrote the '{NAME}' section of {output}")
+    common.merge_section(NAME, section, args.quick, args.output)
     return 0
 
 

@@ -115,3 +115,19 @@ def print_table(title: str, headers: list[str], rows: list[list]) -> None:
     print(line(["-" * w for w in widths]))
     for row in cells:
         print(line(row))
+
+
+def merge_section(name: str, section: dict, quick: bool, output: Path | None = None) -> Path:
+    """Write one benchmark's ``section`` into ``results.json`` (``results-quick.json`` when
+    ``quick``), keeping the file's other sections: for a benchmark run on its own. The section
+    gets its own machine description, as it may be newer than the others."""
+    from ferlib.runs import environment, read_json, write_json
+
+    output = output or BENCHMARKS_DIR / ("results-quick.json" if quick else "results.json")
+    section["machine"] = environment()
+    section["quick"] = quick
+    results = read_json(output, {})
+    results[name] = section
+    write_json(output, results)
+    print(f"\nwrote the '{name}' section of {output}")
+    return output
