@@ -32,12 +32,13 @@ DEVICES = 2
 LOSS_TOLERANCE = 1e-4  # relative: the same arithmetic, reduced in another order
 
 
-def run_jax(args, *, devices: int = 1, timeout: int = 900, env=None, retries: int = 1):
+def run_jax(args, *, devices: int = 1, timeout: int = 900, env=None, retries: int = 3):
     """Run ``python args`` under the JAX backend with ``devices`` virtual CPU devices.
 
     XLA's in-process CPU collectives occasionally miss their 40 s rendezvous on a loaded
-    2-core machine and abort the process; such a run is retried once (and reported if the
-    retry fails too)."""
+    2-core machine and abort the process (seen in several runs while a training shared the
+    cores, not on a quiet machine); such a run is retried up to ``retries`` times, and reported
+    if every try fails."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2",
            "MPLBACKEND": "Agg", **(env or {})}
     if devices > 1:
