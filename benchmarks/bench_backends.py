@@ -61,6 +61,7 @@ def child(quick: bool) -> dict:
 
 
 def run(quick: bool = False, context: dict | None = None) -> dict:
+    load = common.machine_load()
     results = {}
     for backend in BACKENDS:
         if not installed(backend):
@@ -90,7 +91,7 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
                          "statistic": "best of the timed one-epoch fits per model (bench_train)",
                          "order": "one child process per backend, one after the other",
                          "faster_by_percent": FASTER_BY_PERCENT},
-            "backends": results, "verdicts": verdicts}
+            "machine_load": load, "backends": results, "verdicts": verdicts}
 
 
 def print_section(section: dict) -> None:

@@ -34,9 +34,6 @@ WARMUP_CALLS = 5
 BATCH_IMAGES = 256
 BATCH_REPEATS, QUICK_BATCH_REPEATS = 5, 2
 RUNTIMES = ("keras", "onnxruntime", "litert")
-SHARED_NOTE = ("measured while other work (a multi-hour training, other tests) used this "
-               "2-core machine: absolute figures are pessimistic and noisy; compare the "
-               "runtimes within one model, measured back to back")
 
 
 def build_saved_model(model_name: str, folder: Path) -> Path:
@@ -138,6 +135,7 @@ def measure_model(model_name: str, quick: bool, folder: Path) -> dict:
 
 def run(quick: bool = False, context: dict | None = None, models=None) -> dict:
     names = list(models or common.model_names())
+    load = common.machine_load()
     with tempfile.TemporaryDirectory(prefix="ferlib-bench-export-") as folder:
         measured = {name: measure_model(name, quick, Path(folder)) for name in names}
     return {
@@ -151,7 +149,7 @@ def run(quick: bool = False, context: dict | None = None, models=None) -> dict:
                                    f"on one batch of {BATCH_IMAGES}",
                      "keras_call": "model(images, training=False), no predict() overhead",
                      "runtime_options": "defaults (all cores; LiteRT with XNNPACK)"},
-        "machine_note": SHARED_NOTE,
+        "machine_load": load,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "models": measured,
     }
@@ -179,7 +177,7 @@ def print_section(section: dict) -> None:
         "export: Keras vs ONNX Runtime vs LiteRT, quick-profile models (untrained), this CPU",
         ["model", "runtime", "latency ms (1 image)", "x Keras", "img/s (batch 256)",
          "parity vs Keras"], rows)
-    print(f"note: {section['machine_note']}")
+    print(f"machine: {section['machine_load']['note']}")
 
 
 def main(argv=None) -> int:

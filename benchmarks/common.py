@@ -131,3 +131,14 @@ def merge_section(name: str, section: dict, quick: bool, output: Path | None = N
     write_json(output, results)
     print(f"\nwrote the '{name}' section of {output}")
     return output
+
+
+def machine_load() -> dict:
+    """The 1-minute load average against the core count, taken when a benchmark starts, and a
+    plain-words note: a busy machine makes absolute figures pessimistic (compare within a run)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    busy = load > 0.5 * cores
+    return {"load_average_1min": round(load, 2), "cpu_count": cores,
+            "note": (f"busy: load {load:.1f} on {cores} cores when the benchmark started; absolute "
+                     f"figures are pessimistic, compare within this run" if busy else
+                     f"quiet: load {load:.1f} on {cores} cores when the benchmark started")}
