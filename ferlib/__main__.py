@@ -63,7 +63,7 @@ def _status(args) -> int:
     directory = Path(args.run_dir or run_dir(params["profile"]))
     table = progress_table(directory, params)
     print(f"{directory}:")
-    print(table.to_string(index=False, na_rep="-"))
+    print(table.astype(object).where(table.notna(), "-").to_string(index=False))
     return 0
 
 

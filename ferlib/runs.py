@@ -255,4 +255,7 @@ def progress_table(directory: Path, params: dict):
                                      round((train["epochs"] - done) * seconds / 3600, 2)
                                      if seconds else None),
             })
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    for column in ("best epoch", "s/epoch"):  # whole numbers, even next to missing values
+        frame[column] = frame[column].astype("Int64")
+    return frame
