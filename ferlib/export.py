@@ -466,6 +466,13 @@ def export_model(model_path, out, fmt: str = "onnx", *, calibration: bool = True
                          f"{', '.join(FORMATS)}")
     if images < 1:
         raise ValueError(f"--images must be at least 1; got {images}")
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(f"export: needs the TensorFlow backend (the ONNX, LiteRT and SavedModel "
+                         f"exporters used here go through TensorFlow); this process runs on "
+                         f"{keras.backend.backend()}: run it with KERAS_BACKEND=tensorflow (a model "
+                         f"trained under another backend loads there too)")
     model_path = _model_file(model_path)
     if data is not None and not Path(data).expanduser().exists():
         raise FileNotFoundError(f"--data: {data}: no such file or folder")

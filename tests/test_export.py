@@ -228,6 +228,14 @@ def test_export_errors_name_the_option(trained_model, tmp_path):
         export.export_model(tmp_path / "missing.keras", tmp_path, "litert")
 
 
+def test_export_on_another_backend_says_which_one_it_needs(trained_model, tmp_path, monkeypatch):
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ValueError, match="needs the TensorFlow backend.*runs on jax"):
+        export.export_model(trained_model, tmp_path, "onnx")
+
+
 # ----------------------------------------------------------------------------- video
 
 @pytest.fixture(scope="module")
