@@ -135,7 +135,8 @@ def merge_section(name: str, section: dict, quick: bool, output: Path | None = N
 
 def machine_load() -> dict:
     """The 1-minute load average against the core count, taken when a benchmark starts, and a
-    plain-words note: a busy machine makes absolute figures pessimistic (compare within a run)."""
+    plain-words note: a busy machine makes absolute figures pessimistic (compare within a run).
+    The average lags: work stopped a few seconds earlier still counts."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     busy = load > 0.5 * cores
     return {"load_average_1min": round(load, 2), "cpu_count": cores,

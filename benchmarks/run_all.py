@@ -7,6 +7,7 @@ Benchmarks (``--only`` picks some, in this order):
 - ``train``: training images/s per model at the quick profile's sizes, the stem and
   augmentation overhead (target: at most 15 % of throughput) and the FLOP rate as a fraction
   of the matmul peak (so ``train`` also runs ``matmul_peak``)
+- ``speed``: training images/s by batch size and by TensorFlow thread setting
 - ``backends``: training images/s per model under each Keras backend (TensorFlow, JAX, and
   PyTorch when installed), one child process per backend
 - ``inference``: single-image latency and batch throughput per model
@@ -35,12 +36,13 @@ import bench_export
 import bench_inference
 import bench_matmul
 import bench_smoke_report
+import bench_speed
 import bench_train
 import common
 
 BENCHMARKS = {module.NAME: module for module in (
-    bench_data, bench_matmul, bench_train, bench_backends, bench_inference, bench_export,
-    bench_smoke_report)}
+    bench_data, bench_matmul, bench_train, bench_speed, bench_backends, bench_inference,
+    bench_export, bench_smoke_report)}
 # Benchmarks whose figures another one needs: it runs first even when not asked for.
 NEEDS = {"train": ["matmul_peak"]}
 OUTPUT = common.BENCHMARKS_DIR / "results.json"
