@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import common
 
@@ -119,8 +118,4 @@ if __name__ == "__main__":
     if args.child:
         print(json.dumps(child(args.quick)))
     else:
-        started = time.perf_counter()
-        section = run(args.quick)
-        section["benchmark_seconds"] = time.perf_counter() - started
-        print_section(section)
-        common.merge_section(NAME, section, args.quick)
+        common.run_on_its_own(NAME, run, print_section, args.quick)

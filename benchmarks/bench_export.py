@@ -191,11 +191,7 @@ def main(argv=None) -> int:
                                                     "results-quick.json with --quick)")
     args = parser.parse_args(argv)
     models = [name.strip() for name in args.models.split(",")] if args.models else None
-    started = time.perf_counter()
-    section = run(quick=args.quick, models=models)
-    section["benchmark_seconds"] = time.perf_counter() - started
-    print_section(section)
-    common.merge_section(NAME, section, args.quick, args.output)
+    common.run_on_its_own(NAME, run, print_section, args.quick, args.output, models=models)
     return 0
 
 

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import common
 
@@ -105,8 +104,4 @@ if __name__ == "__main__":
         threads, sizes = json.loads(args.child)
         print(json.dumps(child(args.quick, tuple(threads), sizes)))
     else:
-        started = time.perf_counter()
-        section = run(args.quick)
-        section["benchmark_seconds"] = time.perf_counter() - started
-        print_section(section)
-        common.merge_section(NAME, section, args.quick)
+        common.run_on_its_own(NAME, run, print_section, args.quick)

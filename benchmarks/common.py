@@ -143,3 +143,15 @@ def machine_load() -> dict:
             "note": (f"busy: load {load:.1f} on {cores} cores when the benchmark started; absolute "
                      f"figures are pessimistic, compare within this run" if busy else
                      f"quiet: load {load:.1f} on {cores} cores when the benchmark started")}
+
+
+def run_on_its_own(name: str, run, print_section, quick: bool, output: Path | None = None,
+                   **options) -> dict:
+    """A benchmark run as a script: time ``run(quick, **options)``, print its section and
+    merge it into the results file (:func:`merge_section`)."""
+    started = time.perf_counter()
+    section = run(quick=quick, **options)
+    section["benchmark_seconds"] = time.perf_counter() - started
+    print_section(section)
+    merge_section(name, section, quick, output)
+    return section
