@@ -8,8 +8,10 @@ start-up logging).
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -38,19 +40,21 @@ def median(values) -> float:
 
 # ----------------------------------------------------------------------------- models
 
-def quick_settings(model_name: str) -> dict:
-    """The settings ``ferlib.train`` would use for ``model_name`` in the quick profile."""
+def quick_settings(model_name: str, profile: str = PROFILE) -> dict:
+    """The settings ``ferlib.train`` would use for ``model_name`` in the quick profile (or
+    another ``profile``)."""
     from ferlib.config import load_params, model_settings
 
-    return model_settings(load_params(PROFILE), model_name)
+    return model_settings(load_params(profile), model_name)
 
 
-def build_quick_model(model_name: str, precision: str | None = None):
+def build_quick_model(model_name: str, precision: str | None = None, profile: str = PROFILE):
     """(compiled model, settings) exactly as ``ferlib.train`` builds it for the quick profile
-    (optionally with another ``train.precision``, e.g. ``mixed_bfloat16``)."""
+    or another ``profile`` (optionally with another ``train.precision``, e.g.
+    ``mixed_bfloat16``)."""
     from ferlib.train import _compile, _prepare_backend, build_for_settings
 
-    settings = quick_settings(model_name)
+    settings = quick_settings(model_name, profile)
     if precision:
         settings["train"]["precision"] = precision
     _prepare_backend(settings)  # seed and precision policy, as in training
@@ -133,16 +137,72 @@ def merge_section(name: str, section: dict, quick: bool, output: Path | None = N
     return output
 
 
-def machine_load() -> dict:
+def machine_load(paused: list[int] | None = None) -> dict:
     """The 1-minute load average against the core count, taken when a benchmark starts, and a
     plain-words note: a busy machine makes absolute figures pessimistic (compare within a run).
-    The average lags: work stopped a few seconds earlier still counts."""
+    The average lags: work stopped a few seconds earlier still counts, so a benchmark that
+    paused a training (:func:`paused_training`) passes its process ids and the note says so."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    busy = load > 0.5 * cores
+    if paused:
+        note = (f"quiet: the background training (process {', '.join(map(str, paused))}) was "
+                f"paused (SIGSTOP) for the benchmark; the lagging 1-minute load average was "
+                f"{load:.1f} on {cores} cores at the start")
+    elif load > 0.5 * cores:
+        note = (f"busy: load {load:.1f} on {cores} cores when the benchmark started; absolute "
+                f"figures are pessimistic, compare within this run")
+    else:
+        note = f"quiet: load {load:.1f} on {cores} cores when the benchmark started"
     return {"load_average_1min": round(load, 2), "cpu_count": cores,
-            "note": (f"busy: load {load:.1f} on {cores} cores when the benchmark started; absolute "
-                     f"figures are pessimistic, compare within this run" if busy else
-                     f"quiet: load {load:.1f} on {cores} cores when the benchmark started")}
+            "paused_training_pids": paused or [], "note": note}
+
+
+def training_pids() -> list[int]:
+    """Process ids of running ``python -m ferlib train`` / ``report`` commands (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            words = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        for index, word in enumerate(words[:-2]):
+            if word == "-m" and words[index + 1] == "ferlib" and words[index + 2] in (
+                    "train", "report"):
+                pids.append(int(entry.name))
+                break
+    return sorted(pids)
+
+
+@contextmanager
+def paused_training(enabled: bool = True, settle_seconds: float = 3.0,
+                    pids: list[int] | None = None):
+    """Pause (SIGSTOP) any running ferlib training (or the given ``pids``) for the duration,
+    then resume it (SIGCONT, also on errors and Ctrl-C), so a benchmark measures a quiet
+    machine without stopping a long run. Yields the paused process ids (empty when ``enabled``
+    is false or none runs). A resumable training loses nothing; the epoch that was paused
+    reports a longer time."""
+    pids = (training_pids() if pids is None else list(pids)) if enabled else []
+    stopped = []
+    try:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            except ProcessLookupError:
+                pass
+        if stopped:
+            print(f"paused training process(es) {stopped} for the benchmark", flush=True)
+            time.sleep(settle_seconds)
+        yield stopped
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if stopped:
+            print(f"resumed training process(es) {stopped}", flush=True)
 
 
 def run_on_its_own(name: str, run, print_section, quick: bool, output: Path | None = None,

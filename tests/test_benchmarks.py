@@ -1,0 +1,84 @@
+"""Benchmark helpers that act on other work or stand in for other frameworks: pausing a
+running training, and the plain PyTorch twins of ferlib's networks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402  (benchmarks/common.py)
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+
+
+def _state(pid: int) -> str:
+    """The one-letter process state from /proc (T = stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.fixture
+def fake_training():
+    """A sleeping process whose command line reads like ``python ... -m ferlib train``."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                "-m", "ferlib", "train"])
+    deadline = time.monotonic() + 10
+    while process.pid not in common.training_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield process
+    process.kill()
+    process.wait()
+
+
+@linux_only
+def test_training_pids_finds_a_ferlib_training(fake_training):
+    assert fake_training.pid in common.training_pids()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ferlib"])
+    try:
+        time.sleep(0.3)
+        assert other.pid not in common.training_pids()
+    finally:
+        other.kill()
+        other.wait()
+
+
+@linux_only
+def test_paused_training_stops_then_resumes_even_on_error(fake_training):
+    pid = fake_training.pid
+    with common.paused_training(settle_seconds=0, pids=[pid]) as paused:
+        assert paused == [pid]
+        assert _state(pid) == "T"
+    assert _state(pid) in "SR"
+    with pytest.raises(KeyboardInterrupt):
+        with common.paused_training(settle_seconds=0, pids=[pid]):
+            assert _state(pid) == "T"
+            raise KeyboardInterrupt
+    assert _state(pid) in "SR"
+    with common.paused_training(enabled=False, pids=[pid]) as paused:
+        assert paused == [] and _state(pid) in "SR"
+    load = common.machine_load([pid])
+    assert load["paused_training_pids"] == [pid] and "paused" in load["note"]
+
+
+@pytest.mark.parametrize("name", ["alexnet", "resnet50v2", "vit"])
+def test_torch_twins_match_ferlib_networks(name):
+    """The PyTorch twins train the same networks: same trainable parameters, same output."""
+    torch = pytest.importorskip("torch", reason="PyTorch is optional (benchmarks only)")
+    import keras
+    import numpy as np
+    import torch_models
+
+    from ferlib.config import load_params, model_settings
+    from ferlib.train import build_for_settings
+
+    settings = model_settings(load_params("full"), name)
+    keras_model = build_for_settings(settings)
+    trainable = int(sum(np.prod(v.shape) for v in keras_model.trainable_variables))
+    twin = torch_models.build(name, settings["model_params"])
+    assert torch_models.parameter_count(twin) == trainable
+    assert tuple(twin.eval()(torch.zeros(2, 3, 48, 48)).shape) == (2, 7)
+    keras.backend.clear_session()
