@@ -67,6 +67,16 @@ def _status(args) -> int:
     return 0
 
 
+def _results(args) -> int:
+    from ferlib.config import load_params, parse_overrides
+    from ferlib.results import readme_tables
+    from ferlib.runs import run_dir
+
+    params = load_params(args.profile, parse_overrides(args.set))
+    print(readme_tables(Path(args.run_dir or run_dir(params["profile"])), params), end="")
+    return 0
+
+
 def _report(args) -> int:
     from ferlib.pipeline import report
 
@@ -107,6 +117,12 @@ def main(argv=None) -> int:
     status.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     status.add_argument("--run-dir", help="default: runs/<profile>")
     status.set_defaults(handler=_status)
+    tables = commands.add_parser("results", help="the README's headline and significance "
+                                 "tables (Markdown) of a rendered run (reads files only)")
+    tables.add_argument("--profile", default="quick", help="params/<profile>.yaml")
+    tables.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tables.add_argument("--run-dir", help="default: runs/<profile>")
+    tables.set_defaults(handler=_results)
     report_parser.add_argument("--runs-root", help="folder of run directories (default: runs/)")
     report_parser.add_argument("--reports-root", help="folder of report folders "
                                "(default: reports/)")

@@ -208,25 +208,39 @@ def test_scorings_table(results: dict[str, ModelResult], run_dir) -> pd.DataFram
 
 
 def convergence(result: ModelResult) -> dict:
-    """How far from converged: stop reason, best epoch, and the validation trend at the end."""
+    """Whether a training converged by its own curve, and how far it was from it.
+
+    Converged means the best PublicTest epoch lies at least ``early_stopping_patience`` epochs
+    before the last epoch run: the model had that many epochs to improve and did not. A run
+    cut by its epoch cap or time budget before that is "not converged", even if its curve
+    looks flat. ``patience`` falls back to 3 epochs when the profile has no early stopping.
+    """
     history = result.history
     tail = history.tail(3)
     slope = (float(np.polyfit(tail.epoch, tail.val_accuracy, 1)[0]) if len(tail) >= 2
              else float("nan"))
     best_epoch = result.metrics["best_epoch"]
     epochs = len(history)
+    patience = result.settings["train"].get("early_stopping_patience") or 3
+    after_best = epochs - best_epoch
+    converged = after_best >= patience
     gap = float(history.accuracy.iloc[-1] - history.val_accuracy.iloc[-1])
-    still_improving = best_epoch >= epochs - 1 and result.metrics["stopped_reason"] != \
-        "early_stopping"
+    if converged:
+        verdict = (f"converged: best epoch {best_epoch}, then {after_best} epochs without a "
+                   f"better PublicTest accuracy (patience {patience})")
+    else:
+        verdict = (f"not converged: best epoch {best_epoch} is {after_best} epoch(s) before the "
+                   f"last ({epochs}), fewer than the patience ({patience}); stopped by "
+                   f"{result.metrics['stopped_reason'].replace('_', ' ')}")
     return {"model": result.display_name, "epochs_run": epochs, "best_epoch": best_epoch,
+            "epochs_after_best": after_best, "patience": patience, "converged": converged,
             "stopped_reason": result.metrics["stopped_reason"],
             "planned_epochs": result.settings["train"]["epochs"],
             "train_minutes": round(result.metrics["train_seconds"] / 60, 1),
             "final_val_accuracy": round(float(history.val_accuracy.iloc[-1]), 4),
             "val_accuracy_slope_last3": round(slope, 4),
             "train_minus_val_accuracy": round(gap, 4),
-            "verdict": ("not converged: still improving when stopped" if still_improving
-                        else "plateaued on PublicTest")}
+            "verdict": verdict}
 
 
 def summary_table(results: dict[str, ModelResult], n_boot: int = 1000, seed: int = 0,
@@ -394,7 +408,7 @@ def conclusion(summary: pd.DataFrame, significance: pd.DataFrame,
                      f"{row['difference']:+.3f} (95% CI [{row['diff_low']:+.3f}, "
                      f"{row['diff_high']:+.3f}]), McNemar p = {row['mcnemar_p']:.2g} "
                      f"(Holm {row['p_holm']:.2g}): {verdict}.")
-    not_converged = [row["model"] for row in convergence_rows if row["verdict"].startswith("not")]
+    not_converged = [row["model"] for row in convergence_rows if not row["converged"]]
     if not_converged:
         lines.append(f"- Not converged when stopped: {', '.join(not_converged)}; their numbers "
                      f"are lower bounds on what the architectures reach with a larger budget.")
@@ -661,3 +675,76 @@ def distribution_sentence(metrics: dict) -> str:
             f"{setup['per_device_batch_size']} per device; learning rate "
             f"{setup['learning_rate']:.2e} used as given for the global batch (not scaled); "
             f"each epoch leaves out its last incomplete batch.")
+
+
+def readme_tables(run_dir, params: dict) -> str:
+    """The README's headline and significance tables (Markdown) for a rendered run.
+
+    Reads what ``04_compare`` wrote (``compare/summary_full.csv``, ``significance.csv``,
+    ``ensemble_significance.csv``) and each model's training files, so the README quotes the
+    report's numbers instead of retyping them: ``python -m ferlib results --profile full``.
+    """
+    compare = Path(run_dir) / "compare"
+    path = compare / "summary_full.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no compare tables yet; render the run first "
+                                f"(make report PROFILE={params['profile']})")
+    summary = pd.read_csv(path).set_index("model")
+    models = load_results(run_dir, params["models"], cv_folds=params["cv_folds"])
+
+    def cell(row, metric, bold=False):
+        value = f"{row[metric]:.3f}"
+        return f"{f'**{value}**' if bold else value} {row[f'{metric}_ci']}"
+
+    unseen = "accuracy_unseen" in summary
+    header = ["model", "accuracy", "macro F1", "AUC (OvR)"]
+    header += ["accuracy without duplicates"] if unseen else []
+    header += ["paper: acc / AUC", "epochs (best)", "hours", "converged?"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best = summary["accuracy"].idxmax()
+    named = {result.display_name for result in models.values()}
+    for name, result in models.items():
+        row = summary.loc[result.display_name]
+        state = convergence(result)
+        claim = (f"{row['paper_accuracy']:.2f} / {row['paper_auc']:.2f}"
+                 if pd.notna(row.get("paper_accuracy")) else "–")
+        verdict = (f"yes ({state['epochs_after_best']} after best)" if state["converged"] else
+                   f"**no** ({state['epochs_after_best']} after best, patience "
+                   f"{state['patience']})")
+        cells = [result.display_name, cell(row, "accuracy", result.display_name == best),
+                 cell(row, "f1_macro"), cell(row, "auc_macro")]
+        cells += [cell(row, "accuracy_unseen")] if unseen else []
+        cells += [claim, f"{state['epochs_run']} ({state['best_epoch']})",
+                  f"{result.metrics['train_seconds'] / 3600:.2f}", verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, row in summary.iterrows():
+        if name in named:
+            continue
+        cells = [name, cell(row, "accuracy", name == best), cell(row, "f1_macro"),
+                 cell(row, "auc_macro")]
+        cells += [cell(row, "accuracy_unseen")] if unseen else []
+        lines.append("| " + " | ".join(cells + ["–", "–", "–", "–"]) + " |")
+    first = next(iter(models.values()))
+    peer = peer_result(len(first.test()[0]))
+    if peer:
+        scores = peer["metrics"]
+        cells = [f"peer: {peer['name']}"] + [
+            f"{scores[m]['value']:.3f} [{scores[m]['low']:.3f}, {scores[m]['high']:.3f}]"
+            for m in ("accuracy", "f1_macro", "auc_macro")]
+        cells += ["–"] if unseen else []
+        lines.append("| " + " | ".join(cells + ["–", "pretrained", "–", "–"]) + " |")
+
+    out = ["\n".join(lines)]
+    rows = []
+    for file in ("significance.csv", "ensemble_significance.csv"):
+        if (compare / file).exists():
+            rows += pd.read_csv(compare / file).to_dict("records")
+    if rows:
+        table = ["| pair | accuracy difference [95% CI] | McNemar p (Holm) |", "|---|---|---|"]
+        for row in rows:
+            holm = f" ({row['p_holm']:.2g})" if pd.notna(row.get("p_holm")) else ""
+            table.append(f"| {row['model_a']} vs {row['model_b']} | {row['difference']:+.3f} "
+                         f"[{row['diff_low']:+.3f}, {row['diff_high']:+.3f}] | "
+                         f"{row['mcnemar_p']:.2g}{holm} |")
+        out.append("\n".join(table))
+    return "\n\n".join(out) + "\n"

@@ -190,3 +190,54 @@ def test_distribution_sentence_states_batch_split_and_learning_rate():
     sentence = results.distribution_sentence(parallel)
     assert "over 4 devices" in sentence and "global batch 256 = 4 x 64 per device" in sentence
     assert "1.00e-03 used as given" in sentence and "not scaled" in sentence
+
+
+def _curve_result(val_accuracy, best_epoch, patience, stopped):
+    epochs = np.arange(1, len(val_accuracy) + 1)
+    history = pd.DataFrame({"epoch": epochs, "accuracy": np.linspace(0.3, 0.7, len(epochs)),
+                            "val_accuracy": val_accuracy})
+    return results.ModelResult(
+        name="m", directory=Path("."), history=history, timing=pd.DataFrame(),
+        metrics={"best_epoch": best_epoch, "stopped_reason": stopped, "train_seconds": 600},
+        settings={"train": {"epochs": 40, "early_stopping_patience": patience}}, predictions={})
+
+
+def test_convergence_needs_patience_epochs_after_the_best():
+    """The issue's rule: converged when the best PublicTest epoch is at least ``patience``
+    epochs before the last one; a cap or a budget that cuts earlier is 'not converged'."""
+    stopped_early = results.convergence(_curve_result(
+        [0.40, 0.50, 0.55, 0.54, 0.55, 0.53, 0.54], 3, 4, "early_stopping"))
+    assert stopped_early["converged"] and stopped_early["epochs_after_best"] == 4
+    assert stopped_early["verdict"].startswith("converged: best epoch 3, then 4 epochs")
+    capped = results.convergence(_curve_result(
+        [0.40, 0.50, 0.55, 0.54, 0.55, 0.53], 3, 4, "completed"))
+    assert not capped["converged"]
+    assert "fewer than the patience (4); stopped by completed" in capped["verdict"]
+    rising = results.convergence(_curve_result([0.4, 0.5, 0.6], 3, None, "budget"))
+    assert not rising["converged"] and rising["patience"] == 3
+    summary = pd.DataFrame([{"model": "m", "accuracy": 0.5, "accuracy_ci": "[0.4, 0.6]"}])
+    text = results.conclusion(summary, pd.DataFrame(), [capped])
+    assert "Not converged when stopped: m" in text
+    assert "Not converged" not in results.conclusion(summary, pd.DataFrame(), [stopped_early])
+
+
+def test_readme_tables_quote_the_compare_outputs(cv_run, tmp_path):
+    run_dir, models = cv_run
+    params = tiny_params(cv_folds=2)
+    with pytest.raises(FileNotFoundError, match="make report PROFILE="):
+        results.readme_tables(tmp_path, params)
+    summary = results.summary_table({**models, **results.ensembles(models)}, n_boot=20)
+    (run_dir / "compare").mkdir(exist_ok=True)
+    summary.to_csv(run_dir / "compare" / "summary_full.csv", index=False)
+    results.significance_table(models, n_boot=20).to_csv(
+        run_dir / "compare" / "significance.csv", index=False)
+    text = results.readme_tables(run_dir, params)
+    headline, significance = text.strip().split("\n\n")
+    rows = headline.splitlines()
+    assert rows[0].startswith("| model | accuracy | macro F1 | AUC (OvR) |")
+    assert len(rows) == 2 + len(models) + 2  # header, rule, models, two ensembles
+    alexnet = next(row for row in rows if row.startswith("| AlexNet"))
+    accuracy = summary.set_index("model").loc[models["alexnet"].display_name, "accuracy"]
+    assert f"{accuracy:.3f}" in alexnet and "**no** (0 after best" in alexnet
+    assert "Ensemble (equal weights)" in headline
+    assert significance.splitlines()[2].startswith(f"| {models['alexnet'].display_name} vs")
