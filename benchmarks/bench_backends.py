@@ -59,10 +59,29 @@ def child(quick: bool) -> dict:
     return {"backend": keras.backend.backend(), "keras": keras.__version__, "models": rates}
 
 
-def run(quick: bool = False, context: dict | None = None) -> dict:
-    load = common.machine_load()
-    results = {}
+def run(quick: bool = False, context: dict | None = None, backends=BACKENDS,
+        pause_training: bool = False) -> dict:
+    """Measure ``backends`` (default: all three) one after the other. A backend left out keeps
+    its entry from the results file's previous section, marked ``"carried over"`` with the
+    time it was measured; verdicts compare only the backends measured in this run."""
+    with common.paused_training(pause_training) as paused:
+        load = common.machine_load(paused)
+        results = _measure(quick, backends)
+    measured_now = {backend: result for backend, result in results.items()
+                    if result["status"] == "measured"}
+    previous = common.read_section(NAME, quick).get("backends", {})
+    when = common.read_section(NAME, quick).get("machine", {}).get("time")
     for backend in BACKENDS:
+        if backend not in results and backend in previous:
+            old = previous[backend]
+            results[backend] = {**old, "carried_over": old.get("carried_over") or
+                                f"measured in an earlier run ({when})"}
+    return _section(results, measured_now, load)
+
+
+def _measure(quick: bool, backends) -> dict:
+    results = {}
+    for backend in backends:
         if not installed(backend):
             results[backend] = {"status": f"not installed (pip install {backend})"}
             continue
@@ -75,8 +94,10 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
             continue
         results[backend] = {"status": "measured",
                             **json.loads(done.stdout.strip().splitlines()[-1])}
-    measured = {backend: result for backend, result in results.items()
-                if result["status"] == "measured"}
+    return results
+
+
+def _section(results: dict, measured: dict, load: dict) -> dict:
     verdicts = {}
     for name in common.model_names():
         rates = {backend: result["models"][name]["images_per_second"]
@@ -101,7 +122,8 @@ def print_section(section: dict) -> None:
             rows.append([backend, *([None] * len(names)), result["status"]])
             continue
         rows.append([backend, *(result["models"][name]["images_per_second"] for name in names),
-                     f"Keras {result['keras']}"])
+                     f"Keras {result['keras']}" + (f"; {result['carried_over']}"
+                                                    if result.get("carried_over") else "")])
     common.print_table("backends: training img/s per model on this CPU",
                        ["backend", *names, "note"], rows)
     for name, verdict in section["verdicts"].items():
@@ -114,8 +136,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="measure only these; the others keep their earlier figures")
+    parser.add_argument("--pause-training", action="store_true",
+                        help="pause a running ferlib training during the benchmark")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.quick)))
     else:
-        common.run_on_its_own(NAME, run, print_section, args.quick)
+        common.run_on_its_own(NAME, run, print_section, args.quick, backends=args.backends,
+                              pause_training=args.pause_training)

@@ -137,6 +137,14 @@ def merge_section(name: str, section: dict, quick: bool, output: Path | None = N
     return output
 
 
+def read_section(name: str, quick: bool, output: Path | None = None) -> dict:
+    """A benchmark's section of the results file as last written (empty if none)."""
+    from ferlib.runs import read_json
+
+    output = output or BENCHMARKS_DIR / ("results-quick.json" if quick else "results.json")
+    return read_json(output, {}).get(name, {})
+
+
 def machine_load(paused: list[int] | None = None) -> dict:
     """The 1-minute load average against the core count, taken when a benchmark starts, and a
     plain-words note: a busy machine makes absolute figures pessimistic (compare within a run).
