@@ -362,13 +362,19 @@ def tta_table(results: dict[str, ModelResult]) -> pd.DataFrame:
 
 
 def timing_table(results: dict[str, ModelResult]) -> pd.DataFrame:
-    """Seconds per epoch and training throughput per model, beside the paper's seconds."""
+    """Seconds per epoch and training throughput per model, beside the paper's seconds.
+
+    The median epoch, and the fastest, describe the machine; the mean would let one epoch that
+    waited (a paused or heavily shared machine) stand for all of them. Total hours are what
+    the training took, waits included."""
     rows = []
     for name, result in results.items():
         paper_seconds = (paper.paper_epochs(name).seconds_per_epoch.mean()
                          if name in ("vit", "resnet50v2") else np.nan)
         rows.append({"model": result.display_name, "epochs": len(result.timing),
-                     "seconds_per_epoch": round(result.timing.seconds.mean(), 1),
+                     "seconds_per_epoch (median)": round(result.timing.seconds.median(), 1),
+                     "fastest_epoch_seconds": round(result.timing.seconds.min(), 1),
+                     "total_hours": round(result.timing.seconds.sum() / 3600, 2),
                      "train_images_per_second": round(result.timing.images_per_second.median(),
                                                       1),
                      "parameters": result.metrics.get("parameters"),

@@ -241,3 +241,12 @@ def test_readme_tables_quote_the_compare_outputs(cv_run, tmp_path):
     assert f"{accuracy:.3f}" in alexnet and "**no** (0 after best" in alexnet
     assert "Ensemble (equal weights)" in headline
     assert significance.splitlines()[2].startswith(f"| {models['alexnet'].display_name} vs")
+
+
+def test_timing_table_uses_the_median_epoch_so_one_paused_epoch_does_not_dominate():
+    result = _curve_result([0.4, 0.5, 0.6, 0.6], 3, 1, "early_stopping")
+    result.timing = pd.DataFrame({"epoch": [1, 2, 3, 4], "seconds": [100.0, 110.0, 900.0, 105.0],
+                                  "images_per_second": [300.0, 280.0, 30.0, 290.0]})
+    row = results.timing_table({"alexnet": result}).iloc[0]
+    assert row["seconds_per_epoch (median)"] == 107.5 and row["fastest_epoch_seconds"] == 100.0
+    assert row["total_hours"] == round(1215 / 3600, 2) and row["train_images_per_second"] == 285.0
