@@ -37,17 +37,28 @@ def run_jax(args, *, devices: int = 1, timeout: int = 900, env=None, retries: in
 
     XLA's in-process CPU collectives occasionally miss their 40 s rendezvous on a loaded
     2-core machine and abort the process (seen in several runs while a training shared the
-    cores, not on a quiet machine); such a run is retried up to ``retries`` times, and reported
-    if every try fails."""
+    cores, not on a quiet machine); such a run is retried up to ``retries`` times and reported
+    if every try fails: as a failure on a quiet machine, as an expected failure (xfail, with
+    the load) when other work kept every core busy at each try."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2",
            "MPLBACKEND": "Agg", **(env or {})}
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    loads = []
     for attempt in range(retries + 1):
+        loads.append(os.getloadavg()[0])
         done = subprocess.run([sys.executable, *args], cwd=PROJECT_ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
         if done.returncode == 0 or "rendezvous" not in done.stderr:
-            break
+            return done
+    cores = os.cpu_count() or 1
+    if devices > 1 and min(loads) >= cores:
+        # Measured: with another process busy on both cores the collective deadlocks
+        # (a 600 s limit did not help); the same test passes in under a minute once that
+        # process is paused. A quiet machine (CI) still fails the test on this abort.
+        pytest.xfail(f"XLA's CPU collectives aborted at the rendezvous in all {retries + 1} "
+                     f"tries while other work kept the {cores} cores busy (load average "
+                     f"{min(loads):.1f} or more); this test needs a quiet machine")
     return done
 
 
