@@ -69,8 +69,8 @@ def run(quick: bool = False, context: dict | None = None, backends=BACKENDS,
         results = _measure(quick, backends)
     measured_now = {backend: result for backend, result in results.items()
                     if result["status"] == "measured"}
-    previous = common.read_section(NAME, quick).get("backends", {})
-    when = common.read_section(NAME, quick).get("machine", {}).get("time")
+    earlier = common.read_section(NAME, quick)
+    previous, when = earlier.get("backends", {}), earlier.get("machine", {}).get("time")
     for backend in BACKENDS:
         if backend not in results and backend in previous:
             old = previous[backend]

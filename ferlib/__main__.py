@@ -111,18 +111,16 @@ def main(argv=None) -> int:
                               "the fold merge is written once every fold is done")
     train_parser.add_argument("--device", help="accelerator index for this process "
                               "(sets CUDA_VISIBLE_DEVICES), e.g. one fold per GPU")
-    status = commands.add_parser("status", help="epochs done, best PublicTest accuracy and ETA "
-                                 "of each model of a profile's run (reads files only)")
-    status.add_argument("--profile", default="quick", help="params/<profile>.yaml")
-    status.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    status.add_argument("--run-dir", help="default: runs/<profile>")
-    status.set_defaults(handler=_status)
-    tables = commands.add_parser("results", help="the README's headline and significance "
-                                 "tables (Markdown) of a rendered run (reads files only)")
-    tables.add_argument("--profile", default="quick", help="params/<profile>.yaml")
-    tables.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    tables.add_argument("--run-dir", help="default: runs/<profile>")
-    tables.set_defaults(handler=_results)
+    for name, handler, text in (
+            ("status", _status, "epochs done, best PublicTest accuracy and ETA of each model of "
+             "a profile's run (reads files only)"),
+            ("results", _results, "the README's headline and significance tables (Markdown) of "
+             "a rendered run (reads files only)")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--profile", default="quick", help="params/<profile>.yaml")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        sub.add_argument("--run-dir", help="default: runs/<profile>")
+        sub.set_defaults(handler=handler)
     report_parser.add_argument("--runs-root", help="folder of run directories (default: runs/)")
     report_parser.add_argument("--reports-root", help="folder of report folders "
                                "(default: reports/)")
