@@ -16,9 +16,15 @@ import common  # noqa: E402  (benchmarks/common.py)
 linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
 
-def _state(pid: int) -> str:
-    """The one-letter process state from /proc (T = stopped)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+def _state(pid: int, expect: str = "TSR") -> str:
+    """The one-letter process state from /proc (T = stopped), after waiting up to 5 s for one
+    of ``expect`` (signals are delivered asynchronously)."""
+    deadline = time.monotonic() + 5
+    while True:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in expect or time.monotonic() > deadline:
+            return state
+        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -51,15 +57,15 @@ def test_paused_training_stops_then_resumes_even_on_error(fake_training):
     pid = fake_training.pid
     with common.paused_training(settle_seconds=0, pids=[pid]) as paused:
         assert paused == [pid]
-        assert _state(pid) == "T"
-    assert _state(pid) in "SR"
+        assert _state(pid, "T") == "T"
+    assert _state(pid, "SR") in "SR"
     with pytest.raises(KeyboardInterrupt):
         with common.paused_training(settle_seconds=0, pids=[pid]):
-            assert _state(pid) == "T"
+            assert _state(pid, "T") == "T"
             raise KeyboardInterrupt
-    assert _state(pid) in "SR"
+    assert _state(pid, "SR") in "SR"
     with common.paused_training(enabled=False, pids=[pid]) as paused:
-        assert paused == [] and _state(pid) in "SR"
+        assert paused == [] and _state(pid, "SR") in "SR"
     load = common.machine_load([pid])
     assert load["paused_training_pids"] == [pid] and "paused" in load["note"]
 
