@@ -88,3 +88,36 @@ def test_torch_twins_match_ferlib_networks(name):
     assert torch_models.parameter_count(twin) == trainable
     assert tuple(twin.eval()(torch.zeros(2, 3, 48, 48)).shape) == (2, 7)
     keras.backend.clear_session()
+
+
+def test_gpu_benchmark_keeps_order_budget_and_errors(tmp_path, monkeypatch):
+    """bench_gpu measures cases in order until its budget is spent, skips bfloat16 off GPUs,
+    records a failing case (out of memory, say) without losing the rest, and rewrites its
+    results file after each case."""
+    import bench_gpu
+
+    calls = []
+
+    def measure(profile, model, overrides, precision, repeats):
+        calls.append((profile, model, precision))
+        if model == "resnet50v2":
+            raise MemoryError("out of memory")
+        return {"images_per_second": 100.0, "training_epoch_seconds": 287.1, "epoch_cap": 30,
+                "hours_at_cap": 2.4, "first_fit_seconds": 1.0}
+
+    monkeypatch.setattr(bench_gpu, "measure", measure)
+    monkeypatch.setattr(bench_gpu, "accelerator", lambda: "cpu")
+    output = tmp_path / "gpu.json"
+    section = bench_gpu.run(quick=True, results_file=output)
+    assert calls == [("smoke", name, "float32") for name in ("alexnet", "resnet50v2", "vit")]
+    assert [row.get("error") for row in section["rows"]] == [
+        None, "MemoryError: out of memory", None]
+    assert {case["why"] for case in section["skipped"]} == {"bfloat16 is measured on GPUs only"}
+    written = common.read_section("gpu", quick=True, output=output)
+    assert len(written["rows"]) == 3 and written["device"] == "cpu"
+
+    calls.clear()
+    monkeypatch.setattr(bench_gpu, "accelerator", lambda: "gpu: test")
+    section = bench_gpu.run(quick=True, results_file=output, budget_seconds=0)
+    assert calls == [] and len(section["skipped"]) == len(bench_gpu.QUICK_CASES)
+    assert section["budget_seconds"] == 0

@@ -1,5 +1,7 @@
 """Tests for ferlib.config: profiles, validation messages, overrides, data path resolution."""
 
+import sys
+
 import pytest
 import yaml
 
@@ -174,6 +176,25 @@ def test_train_overrides_merge_in_model_settings():
     vit["train"]["epochs"] = 99
     vit["augment"]["flip"] = False
     assert params["train"]["epochs"] == 7 and params["augment"]["flip"] is True
+
+
+@pytest.mark.parametrize("backend, compiled", [("tensorflow", False), ("jax", True),
+                                               ("torch", False)])
+def test_jax_always_compiles_its_train_step(backend, compiled, monkeypatch):
+    """train.jit_compile keeps XLA off TensorFlow's CPU steps; under JAX, False would run
+    every step op by op (slower on an H200 than on this CPU), so JAX always compiles."""
+    monkeypatch.setattr(ferlib.config, "keras_backend", lambda: backend)
+    params = load_params("smoke")
+    assert params["train"]["jit_compile"] is False
+    assert model_settings(params, "alexnet")["train"]["jit_compile"] is compiled
+    assert params["train"]["jit_compile"] is False  # params themselves are not changed
+
+
+def test_keras_backend_is_read_without_importing_keras(monkeypatch):
+    monkeypatch.delitem(sys.modules, "keras", raising=False)
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert ferlib.config.keras_backend() == "jax"
+    assert "keras" not in sys.modules
 
 
 def test_quick_profile_overrides():
