@@ -83,6 +83,14 @@ def augmentation_layers(augment: dict | None, seed: int | None = None) -> list[l
     if augment.get("erasing"):
         stack.append(layers.RandomErasing(factor=augment["erasing"], value_range=(0, 1),
                                           seed=derived_seed(seed, "erasing")))
+    if keras.backend.backend() == "jax":
+        # Keras marks these layers unfit for XLA (TensorFlow's image-transform op has no XLA
+        # kernel), and one such layer makes Keras run the whole train step uncompiled, op by
+        # op. Their JAX ops compile, and the seed state still advances every step (tested).
+        for layer in stack:
+            if isinstance(layer, (layers.RandomRotation, layers.RandomTranslation,
+                                  layers.RandomZoom)):
+                layer.supports_jit = True
     return stack
 
 

@@ -162,6 +162,53 @@ def test_model_trained_under_tensorflow_gives_the_same_numbers_under_jax(tmp_pat
         assert jax_proba[emotion] == pytest.approx(probability, abs=1e-4), emotion
 
 
+COMPILED_STEP_SCRIPT = textwrap.dedent(f"""
+    import json, sys, warnings
+    sys.path.insert(0, {str(TESTS)!r})
+    import keras
+    import numpy as np
+    from test_train import make_params
+    from ferlib.config import model_settings
+    from ferlib.train import _compile, build_for_settings
+
+    warnings.simplefilter("error", UserWarning)  # Keras warns when it falls back to eager
+    params = make_params({{}}, augment={{"flip": True, "rotation": 0.05, "translation": 0.1,
+                                        "zoom": 0.1}})
+    settings = model_settings(params, "alexnet")
+    model = build_for_settings(settings)
+    _compile(model, settings)
+    generators = [layer.generator for layer in model._flatten_layers()
+                  if hasattr(layer, "generator")]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, 48, 48, 1), dtype=np.uint8)
+    labels = np.eye(7, dtype="float32")[rng.integers(0, 7, 48)]
+    states = [[int(np.asarray(g.state.value)[1]) for g in generators]]
+    for _ in range(2):
+        model.fit(images, labels, batch_size=16, epochs=1, verbose=0)   # 3 steps
+        states.append([int(np.asarray(g.state.value)[1]) for g in generators])
+    print("RESULT" + json.dumps({{"jit": bool(model.jit_compile),
+                                 "jit_setting": settings["train"]["jit_compile"],
+                                 "layers": len(generators), "states": states}}))
+""")
+
+
+def test_train_step_is_compiled_and_augmentation_stays_random(tmp_path):
+    """Under JAX the train step is compiled (Keras would run it op by op for jit_compile=False
+    or for a layer that declares supports_jit=False, as its random rotation, translation and
+    zoom do), and every compiled step still draws new augmentation: each layer's seed state
+    advances with each step, across epochs."""
+    script = tmp_path / "compiled_step.py"
+    script.write_text(COMPILED_STEP_SCRIPT)
+    result = json.loads(check(run_jax([str(script)], timeout=600)).split("RESULT", 1)[1])
+    assert result["jit"] is True and result["jit_setting"] is True
+    assert result["layers"] >= 4   # flip, rotation, translation, zoom
+    start, first, second = (np.array(states) for states in result["states"])
+    steps = 3
+    assert np.all(first > start) and np.all(second > first)
+    assert np.array_equal(second - first, first - start)   # the same draws per epoch
+    assert np.all((first - start) % steps == 0)            # a whole number of draws per step
+
+
 @pytest.mark.slow
 def test_smoke_pipeline_under_jax(tmp_path):
     data = make_fer_folder(tmp_path / "fer2013")
