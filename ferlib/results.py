@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ferlib import EMOTIONS, metrics, paper
-from ferlib.runs import read_json
+from ferlib.runs import converged_by_curve, read_json
 
 HEADLINE_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro")
 PAPER_COLUMNS = {"accuracy": "accuracy", "precision_macro": "precision",
@@ -223,7 +223,7 @@ def convergence(result: ModelResult) -> dict:
     epochs = len(history)
     patience = result.settings["train"].get("early_stopping_patience") or 3
     after_best = epochs - best_epoch
-    converged = after_best >= patience
+    converged = converged_by_curve(epochs, best_epoch, patience)
     gap = float(history.accuracy.iloc[-1] - history.val_accuracy.iloc[-1])
     if converged:
         verdict = (f"converged: best epoch {best_epoch}, then {after_best} epochs without a "

@@ -218,9 +218,19 @@ def training_setup(params: dict) -> str | None:
             f"learning rate not scaled with the device count")
 
 
+def converged_by_curve(epochs_run: int, best_epoch: int, patience: int | None) -> bool:
+    """The study's convergence rule: the best PublicTest epoch lies at least ``patience``
+    epochs (3 when the profile has no early stopping) before the last epoch run."""
+    return epochs_run - best_epoch >= (patience or 3)
+
+
+STOP_WORDS = {"early_stopping": "early stop", "completed": "epoch cap", "budget": "time budget"}
+
+
 def progress_table(directory: Path, params: dict):
     """One row per model of a run: epochs done of the cap, best PublicTest accuracy and epoch,
-    epochs since the best (against the early-stopping patience), state, mean seconds per epoch
+    epochs since the best (against the early-stopping patience), whether a finished model
+    converged (:func:`converged_by_curve`), state, mean seconds per epoch
     and the time left if it runs to the cap. Reads ``state.json`` files only (safe while a
     training is running)."""
     import pandas as pd
@@ -247,7 +257,12 @@ def progress_table(directory: Path, params: dict):
                 "since best / patience": (f"{done - state['best_epoch']}/"
                                           f"{train['early_stopping_patience']}"
                                           if state.get("best_epoch") else None),
-                "state": ("finished: " + str(state.get("stopped_reason")) if finished
+                "converged": (("yes" if converged_by_curve(
+                    done, state["best_epoch"], train["early_stopping_patience"]) else "no")
+                    if finished and state.get("best_epoch") else None),
+                "state": ("finished: " + STOP_WORDS.get(state.get("stopped_reason"),
+                                                        str(state.get("stopped_reason")))
+                          if finished
                           else "stopping" if state.get("stopped_reason")
                           else "in progress" if done else "not started"),
                 "s/epoch": round(seconds) if seconds else None,

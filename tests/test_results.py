@@ -221,6 +221,36 @@ def test_convergence_needs_patience_epochs_after_the_best():
     assert "Not converged" not in results.conclusion(summary, pd.DataFrame(), [stopped_early])
 
 
+def test_status_table_says_which_finished_models_converged(tmp_path):
+    """``python -m ferlib status`` reads state.json files only: epochs of the cap, best epoch,
+    epochs since it, the convergence verdict of finished models (the same rule as the
+    reports), why they stopped and the time left."""
+    from ferlib.config import load_params
+    from ferlib.runs import progress_table, write_json
+
+    params = load_params("smoke", overrides={"train": {"epochs": 10,
+                                                       "early_stopping_patience": 3}})
+
+    def state(best, done, finished, reason):
+        return {"history": [{}] * done, "timing": [{"seconds": 60.0}] * done,
+                "best_epoch": best, "best_val_accuracy": 0.5, "finished": finished,
+                "stopped_reason": reason}
+    for name, value in {"alexnet": state(4, 7, True, "early_stopping"),
+                        "resnet50v2": state(10, 10, True, "completed")}.items():
+        write_json(tmp_path / "models" / name / "state.json", value)
+    table = progress_table(tmp_path, params).set_index("model")
+    assert table.loc["alexnet", "converged"] == "yes"
+    assert table.loc["alexnet", "state"] == "finished: early stop"
+    assert table.loc["alexnet", "since best / patience"] == "3/3"
+    assert table.loc["resnet50v2", "converged"] == "no"
+    assert table.loc["resnet50v2", "state"] == "finished: epoch cap"
+    assert table.loc["vit", "state"] == "not started" and pd.isna(table.loc["vit", "converged"])
+    write_json(tmp_path / "models" / "vit" / "state.json", state(2, 3, False, None))
+    vit = progress_table(tmp_path, params).set_index("model").loc["vit"]
+    assert vit["state"] == "in progress" and pd.isna(vit["converged"])
+    assert vit["epochs done"] == "3/10" and vit["left at most (h)"] == round(7 / 60, 2)
+
+
 def test_readme_tables_quote_the_compare_outputs(cv_run, tmp_path):
     run_dir, models = cv_run
     params = tiny_params(cv_folds=2)
