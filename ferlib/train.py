@@ -16,6 +16,7 @@ written atomically; ``state.json`` is the commit point, so a run killed at any m
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -291,14 +292,49 @@ def _cross_entropy(labels: np.ndarray, proba: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- training
 
+def training_key_parts(settings: dict, data: FERData) -> dict:
+    """The parts of a training's fingerprint: its settings, its data and split, and the code
+    that trains. Stored with the run, so a changed key can say which part changed."""
+    counts = [int((data.split == split).sum()) for split in ("train", "val", "test")]
+    return {"settings": fingerprint(settings),
+            "data": fingerprint({"data": data.source_hash, "counts": counts,
+                                 "ids": fingerprint(data.source_ids.tolist()),
+                                 "split": fingerprint(data.split.tolist())}),
+            "code": code_hash(*TRAINING_MODULES)}
+
+
 def training_key(settings: dict, data: FERData) -> str:
     """The fingerprint of one training: settings, data, split and the training code. The code
     that trains is part of the key: a fix to training retrains, a fix to a plot does not."""
-    counts = [int((data.split == split).sum()) for split in ("train", "val", "test")]
-    return fingerprint({"settings": settings, "data": data.source_hash, "counts": counts,
-                        "ids": fingerprint(data.source_ids.tolist()),
-                        "split": fingerprint(data.split.tolist()),
-                        "code": code_hash(*TRAINING_MODULES)})
+    return fingerprint(training_key_parts(settings, data))
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {key: leaf for name, item in value.items()
+                for key, leaf in _flat(item, f"{prefix}{name}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def describe_change(old_settings: dict | None, old_parts: dict | None, settings: dict,
+                    parts: dict) -> str:
+    """What differs between a stored training and the one asked for, in words: each changed
+    setting with both values, then the data or the training code (runs that stored their key
+    parts), e.g. ``train.learning_rate: 0.003 -> 0.001``."""
+    old = _flat(old_settings or {})
+    new = _flat(json.loads(json.dumps(settings)))  # as settings.json stores it
+    changes = [f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+               for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if old_parts:
+        if old_parts.get("data") != parts["data"]:
+            changes.append("the data or its split")
+        if old_parts.get("code") != parts["code"]:
+            changes.append("the training code (ferlib/" + ".py, ferlib/".join(TRAINING_MODULES)
+                           + ".py)")
+    elif not changes:
+        changes.append("the data, its split or the training code")
+    shown = changes[:6] + ([f"{len(changes) - 6} more"] if len(changes) > 6 else [])
+    return "; ".join(shown)
 
 
 def finished_result(model_name: str, data: FERData, params: dict, run_dir,
@@ -351,12 +387,16 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError(f"training {model_name}: need train and val images, got "
                          f"{len(x_train)} train and {len(x_val)} val")
-    key = training_key(settings, data)
+    key_parts = training_key_parts(settings, data)
+    key = fingerprint(key_parts)
 
     state = read_json(out / STATE_FILE)
     if state and state.get("fingerprint") != key:
         stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        say(f"settings or data changed since the last run: moved it to {stale}")
+        change = describe_change(read_json(out / "settings.json"), state.get("key_parts"),
+                                 settings, key_parts)
+        say(f"changed since the last run: {change}. Moved that run to {stale} and training "
+            f"anew")
         shutil.move(str(out), stale)
         state = None
     if state and state["finished"] and (out / "metrics.json").exists():
@@ -378,8 +418,8 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
     else:
         model = build_for_settings(settings)
         _compile(model, settings)
-        state = {"fingerprint": key, "finished": False, "history": [], "timing": [],
-                 "planned_epochs": train_settings["epochs"], "plateau_scale": 1.0,
+        state = {"fingerprint": key, "key_parts": key_parts, "finished": False, "history": [],
+                 "timing": [], "planned_epochs": train_settings["epochs"], "plateau_scale": 1.0,
                  "best_val_accuracy": -1.0, "best_epoch": None, "best_weights": None,
                  "checkpoint": None, "wait": 0, "best_val_loss": float("inf"),
                  "plateau_wait": 0, "stopped_reason": None, "train_seconds": 0.0}

@@ -164,13 +164,16 @@ def test_second_call_skips(trained, data):
     assert elapsed < max(2.0, trained["seconds"] / 2), f"skipping took {elapsed:.1f}s"
 
 
-def test_changed_settings_move_the_old_run_aside(trained, data, tmp_path):
+def test_changed_settings_move_the_old_run_aside(trained, data, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(trained["run_dir"], run_dir)
     models = run_dir / "models"
     old_metrics = read_json(models / "alexnet" / "metrics.json")
     params = make_params({"learning_rate": 1e-3})
-    result = train("alexnet", data, params, run_dir, progress=False)
+    result = train("alexnet", data, params, run_dir, progress=True)
+    # The log names what changed, with both values, and nothing that did not.
+    log = capsys.readouterr().out
+    assert "changed since the last run: train.learning_rate: 0.003 -> 0.001. Moved" in log
 
     [stale] = models.glob("alexnet.stale-*")
     assert read_json(stale / "metrics.json") == old_metrics
@@ -184,12 +187,29 @@ def test_changed_settings_move_the_old_run_aside(trained, data, tmp_path):
     assert result["privatetest_scorings"] == 2 == count_test_scorings(run_dir, "alexnet")
 
 
-def test_changed_training_code_moves_the_old_run_aside(trained, data, tmp_path, monkeypatch):
+def test_changed_training_code_moves_the_old_run_aside(trained, data, tmp_path, monkeypatch,
+                                                      capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(trained["run_dir"], run_dir)
     monkeypatch.setattr(ferlib.train, "code_hash", lambda *modules: "changed-code")
-    train("alexnet", data, trained["params"], run_dir, progress=False)
+    train("alexnet", data, trained["params"], run_dir, progress=True)
     assert len(list((run_dir / "models").glob("alexnet.stale-*"))) == 1
+    log = capsys.readouterr().out
+    assert ("changed since the last run: the training code (ferlib/train.py, "
+            "ferlib/models.py). Moved") in log
+
+
+def test_a_change_is_described_setting_by_setting():
+    parts = {"settings": "s", "data": "d", "code": "c"}
+    settings = {"train": {"epochs": 30, "batch_size": 64}, "model_params": {"width": 1.0}}
+    old = {"train": {"epochs": 20, "batch_size": 64}, "model_params": {}}
+    assert ferlib.train.describe_change(old, parts, settings, parts) == (
+        "model_params.width: '(unset)' -> 1.0; train.epochs: 20 -> 30")
+    assert ferlib.train.describe_change(settings, {**parts, "data": "x"}, settings,
+                                        parts) == "the data or its split"
+    # runs from before the key parts were stored cannot tell data from code
+    assert ferlib.train.describe_change(settings, None, settings, parts) == (
+        "the data, its split or the training code")
 
 
 # ----------------------------------------------------------------------------- resume after kill -9
@@ -600,7 +620,7 @@ def test_profile_runner_resumes_after_kill_mid_epoch(tmp_path):
                              "--run-dir", str(run_dir)], cwd=PROJECT_ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
-    assert f"{epochs}/{epochs}" in status.stdout and "finished: completed" in status.stdout
+    assert f"{epochs}/{epochs}" in status.stdout and "finished: epoch cap" in status.stdout
 
 
 def test_cv_folds_can_train_separately_and_merge_when_all_are_done(tmp_path, data):
