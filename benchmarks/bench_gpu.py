@@ -65,20 +65,6 @@ def accelerator() -> str:
     return keras.backend.backend()
 
 
-def build(profile: str, model_name: str, overrides: dict, precision: str):
-    """(compiled model, settings) as ``ferlib.train`` builds them, with ``overrides`` on the
-    model's hyperparameters and ``precision`` as ``train.precision``."""
-    from ferlib.train import _compile, _prepare_backend, build_for_settings
-
-    settings = common.quick_settings(model_name, profile)
-    settings["model_params"].update(overrides)
-    settings["train"]["precision"] = precision
-    _prepare_backend(settings)
-    model = build_for_settings(settings)
-    _compile(model, settings)
-    return model, settings
-
-
 def measure(profile: str, model_name: str, overrides: dict, precision: str,
             repeats: int) -> dict:
     import keras
@@ -88,7 +74,7 @@ def measure(profile: str, model_name: str, overrides: dict, precision: str,
     from ferlib import NUM_CLASSES
 
     keras.backend.clear_session()
-    model, settings = build(profile, model_name, overrides, precision)
+    model, settings = common.build_quick_model(model_name, precision, profile, overrides)
     batch_size = settings["train"]["batch_size"]
     rng = np.random.default_rng(1)
 

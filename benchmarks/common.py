@@ -48,13 +48,15 @@ def quick_settings(model_name: str, profile: str = PROFILE) -> dict:
     return model_settings(load_params(profile), model_name)
 
 
-def build_quick_model(model_name: str, precision: str | None = None, profile: str = PROFILE):
+def build_quick_model(model_name: str, precision: str | None = None, profile: str = PROFILE,
+                      overrides: dict | None = None):
     """(compiled model, settings) exactly as ``ferlib.train`` builds it for the quick profile
     or another ``profile`` (optionally with another ``train.precision``, e.g.
-    ``mixed_bfloat16``)."""
+    ``mixed_bfloat16``, and ``overrides`` on the model's hyperparameters)."""
     from ferlib.train import _compile, _prepare_backend, build_for_settings
 
     settings = quick_settings(model_name, profile)
+    settings["model_params"].update(overrides or {})
     if precision:
         settings["train"]["precision"] = precision
     _prepare_backend(settings)  # seed and precision policy, as in training
