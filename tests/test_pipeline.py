@@ -428,6 +428,9 @@ def test_export_figures_copies_the_readme_figures(tmp_path):
     assert pipeline.export_figures(run, reports) == []  # nothing to copy yet
     (run / "figures").mkdir(parents=True)
     (run / "figures" / "mean_saliency_no_face.png").write_bytes(b"png")
-    (written,) = pipeline.export_figures(run, reports)
+    (written,) = pipeline.export_figures(run, reports)  # copies what exists, skips the rest
     assert written == reports / "figures" / "mean_saliency.png"
     assert written.read_bytes() == b"png"
+    (run / "figures" / "learning_curves_all.png").write_bytes(b"curves")
+    assert [path.name for path in pipeline.export_figures(run, reports)] == [
+        "mean_saliency.png", "learning_curves.png"]
