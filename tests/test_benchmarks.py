@@ -90,7 +90,7 @@ def test_torch_twins_match_ferlib_networks(name):
     keras.backend.clear_session()
 
 
-def test_gpu_benchmark_keeps_order_budget_and_errors(tmp_path, monkeypatch):
+def test_gpu_benchmark_keeps_order_budget_and_errors(tmp_path, monkeypatch, capsys):
     """bench_gpu measures cases in order until its budget is spent, skips bfloat16 off GPUs,
     records a failing case (out of memory, say) without losing the rest, and rewrites its
     results file after each case."""
@@ -115,6 +115,9 @@ def test_gpu_benchmark_keeps_order_budget_and_errors(tmp_path, monkeypatch):
     assert {case["why"] for case in section["skipped"]} == {"bfloat16 is measured on GPUs only"}
     written = common.read_section("gpu", quick=True, output=output)
     assert len(written["rows"]) == 3 and written["device"] == "cpu"
+
+    bench_gpu.print_row({**section["rows"][0], "jit_compile": False})
+    assert "jit_compile off" in capsys.readouterr().out  # an uncompiled JAX step is named
 
     calls.clear()
     monkeypatch.setattr(bench_gpu, "accelerator", lambda: "gpu: test")
