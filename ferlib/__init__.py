@@ -7,5 +7,6 @@ NUM_CLASSES = len(EMOTIONS)
 
 __version__ = "0.1.0"
 
-MODEL_NAMES = ("alexnet", "resnet50v2", "vit")
-"""Models in the registry (``ferlib.models.build_model``), cheapest first."""
+MODEL_NAMES = ("alexnet", "resnet50v2", "vit", "vit_conv")
+"""Models in the registry (``ferlib.models.build_model``): the three of the paper, and a ViT
+with a convolutional stem (``vit`` is the plain patchify ViT the paper uses)."""

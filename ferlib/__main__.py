@@ -77,6 +77,26 @@ def _results(args) -> int:
     return 0
 
 
+def _search(args) -> int:
+    from ferlib.config import load_params, parse_overrides
+    from ferlib.search import best_recipe_yaml, open_study, run_search
+
+    params = load_params(args.profile, parse_overrides(args.set))
+    if args.best:
+        study = open_study(params, args.model, args.storage, run_dir=args.run_dir)
+        try:
+            print(best_recipe_yaml(study, args.model,
+                                   f" ({args.storage})" if args.storage else ""), end="")
+        except ValueError:
+            raise ValueError(f"search {study.study_name}: no complete trial yet; run "
+                             f"python -m ferlib search --profile {args.profile} "
+                             f"--model {args.model}") from None
+        return 0
+    run_search(params, args.model, trials=args.trials, storage=args.storage,
+               timeout_hours=args.timeout, run_dir=args.run_dir)
+    return 0
+
+
 def _report(args) -> int:
     from ferlib.pipeline import report
 
@@ -121,6 +141,23 @@ def main(argv=None) -> int:
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         sub.add_argument("--run-dir", help="default: runs/<profile>")
         sub.set_defaults(handler=handler)
+    search = commands.add_parser(
+        "search", help="Optuna recipe search of one model on PublicTest (resumable; several "
+        "processes or machines can share one --storage)")
+    search.add_argument("--profile", default="quick", help="params/<profile>.yaml (its search: "
+                        "section declares the space and the budget)")
+    search.add_argument("--model", required=True, help="the model whose recipe is searched")
+    search.add_argument("--trials", type=int, help="finished trials the study should hold "
+                        "(default: search.trials)")
+    search.add_argument("--storage", help="Optuna storage URL (default: "
+                        "sqlite:///runs/<profile>/search/studies.db)")
+    search.add_argument("--timeout", type=float, metavar="HOURS",
+                        help="start no new trial after this many hours")
+    search.add_argument("--best", action="store_true", help="print the best recipe as a YAML "
+                        "block for params/<profile>.yaml, and train nothing")
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    search.add_argument("--run-dir", help="default: runs/<profile>")
+    search.set_defaults(handler=_search)
     report_parser.add_argument("--runs-root", help="folder of run directories (default: runs/)")
     report_parser.add_argument("--reports-root", help="folder of report folders "
                                "(default: reports/)")

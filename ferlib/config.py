@@ -68,21 +68,48 @@ MODEL_SCHEMAS = {
     },
     "resnet50v2": {
         "input_size": (int, 48), "dropout_rate": (NUMBER, 0.3), "bn_momentum": (NUMBER, 0.9),
+        "dense_units": (int, 0),  # a hidden Dense layer in the head; 0: none (GAP -> logits)
         "weights": ((str, type(None)), None),
     },
     "vit": {
         "input_size": (int, 48), "patch_size": (int, 6), "num_layers": (int, 6),
         "num_heads": (int, 4), "hidden_dim": (int, 192), "mlp_dim": (int, 384),
         "dropout_rate": (NUMBER, 0.1), "attention_dropout": (NUMBER, 0.0),
+        "pooling": (("class_token", "mean"), "class_token"),
         "weights": ((str, type(None)), None),
     },
+    # The same transformer behind a convolutional stem (Xiao et al. 2021): ``stem_layers``
+    # stride-2 3x3 convolutions, then tokens of patch_size / 2**stem_layers feature-map pixels,
+    # so ``patch_size`` still says how many input pixels a token covers.
+    "vit_conv": {
+        "input_size": (int, 48), "patch_size": (int, 4), "stem_layers": (int, 2),
+        "num_layers": (int, 4), "num_heads": (int, 4), "hidden_dim": (int, 128),
+        "mlp_dim": (int, 256), "dropout_rate": (NUMBER, 0.1), "attention_dropout": (NUMBER, 0.0),
+        "pooling": (("class_token", "mean"), "mean"), "weights": ((str, type(None)), None),
+    },
 }
+
+# ``search:`` in a profile: the Optuna recipe search (``python -m ferlib search``). The space
+# itself (``search.space``) maps dotted paths to ranges and is checked by _validate_search.
+SEARCH_SCHEMA = {
+    "trials": (int, 16),            # finished (complete or pruned) trials per model: the budget
+    "epochs": (int, 6),             # at most this many epochs per trial (cosine planned on it)
+    "train_images": ((int, type(None)), 8000),  # stratified subset of Training; null: all
+    "pruner": (("median", "successive_halving", "hyperband", "threshold", "none"), "median"),
+    "startup_trials": (int, 4),     # median pruner: trials that are never pruned
+    "warmup_epochs": (int, 2),      # median pruner: epochs of every trial that are never pruned
+    "threshold": ((*NUMBER, type(None)), None),  # threshold pruner: lowest PublicTest accuracy
+    "heartbeat_seconds": (int, 60),  # a trial silent for 3 heartbeats counts as dead: retried
+    "fixed": (dict, {}),            # dotted path -> value, the same in every trial
+    "space": (dict, {}),            # "all" or a model name -> dotted path -> range or choices
+}
+SEARCH_RANGE_KEYS = ("low", "high", "log", "step", "choices")
 
 SCHEMA = {
     "profile": (str, "custom"),
     "description": (str, ""),
     "seed": (int, 42),
-    "models": (list, list(MODEL_NAMES)),
+    "models": (list, ["alexnet", "resnet50v2", "vit"]),  # the paper's three
     "cv_folds": (int, 0),
     "data": {
         "path": ((str, type(None)), None),
@@ -95,6 +122,9 @@ SCHEMA = {
     "model_params": MODEL_SCHEMAS,
     "train_overrides": {name: {key: spec for key, spec in TRAIN_SCHEMA.items()}
                         for name in MODEL_NAMES},
+    # Per-model augmentation strengths (a searched recipe may want its own).
+    "augment_overrides": {name: dict(AUGMENT_SCHEMA) for name in MODEL_NAMES},
+    "search": SEARCH_SCHEMA,
     "report": {
         "bootstrap_samples": (int, 1000),
         "misclassified_examples": (int, 24),
@@ -121,9 +151,9 @@ def _validate(values: dict, schema: dict, where: str, partial: bool) -> dict:
     for key, spec in schema.items():
         path = f"{where}.{key}" if where else key
         if isinstance(spec, dict):
-            is_override = where.startswith("train_overrides")
+            is_override = where.split(".")[0].endswith("_overrides")
             result[key] = _validate(values.get(key, {}) or {}, spec, path,
-                                    partial or is_override or where == "train_overrides")
+                                    partial or is_override)
             continue
         expected, default = spec
         if key not in values:
@@ -162,7 +192,132 @@ def validate(params: dict) -> dict:
                                  f"to an integer, got {split}: {limit!r}")
     if resolved["cv_folds"] == 1 or resolved["cv_folds"] < 0:
         raise ValueError("cv_folds: expected 0 (official split) or at least 2")
+    _validate_search(resolved)
     return resolved
+
+
+# ----------------------------------------------------------------------------- search space
+
+SEARCH_GROUPS = {"train": "train_overrides", "augment": "augment_overrides",
+                 "model": "model_params"}
+"""The first part of a search path and where a value for one model goes in a profile."""
+
+
+def _search_target(path: str, model_name: str, where: str):
+    """The schema entry that ``train.<key>`` / ``augment.<key>`` / ``model.<key>`` names."""
+    group, _, key = path.partition(".")
+    schemas = {"train": TRAIN_SCHEMA, "augment": AUGMENT_SCHEMA,
+               "model": MODEL_SCHEMAS[model_name]}
+    if group not in schemas or not key:
+        raise ValueError(f"{where}: expected train.<key>, augment.<key> or model.<key>, "
+                         f"got {path!r}")
+    if key not in schemas[group]:
+        raise ValueError(f"{where}: {key!r} is not a {group} setting"
+                         + (f" of {model_name}" if group == "model" else "")
+                         + f"; allowed keys: {', '.join(schemas[group])}")
+    return schemas[group][key]
+
+
+def search_overrides(values: dict, model_name: str) -> dict:
+    """Dotted search paths with values -> the nested profile mapping that sets them for
+    ``model_name`` only (``train.learning_rate`` -> ``train_overrides.<model>.learning_rate``)."""
+    nested: dict = {}
+    for path, value in values.items():
+        group, _, key = path.partition(".")
+        nested.setdefault(SEARCH_GROUPS[group], {}).setdefault(model_name, {})[key] = value
+    return nested
+
+
+def _validate_search(params: dict) -> None:
+    """Ranges and choices of ``search.space`` and the values of ``search.fixed``, per model."""
+    search = params["search"]
+    for key in ("trials", "epochs"):
+        if search[key] < 1:
+            raise ValueError(f"search.{key}: expected at least 1, got {search[key]}")
+    if search["train_images"] is not None and search["train_images"] < 1:
+        raise ValueError("search.train_images: expected a positive number of images or null")
+    if search["pruner"] == "threshold" and search["threshold"] is None:
+        raise ValueError("search.threshold: the threshold pruner needs a lowest PublicTest "
+                         "accuracy, e.g. 0.2")
+    unknown = sorted(set(search["space"]) - {"all", *MODEL_NAMES})
+    if unknown:
+        raise ValueError(f"unknown key 'search.space.{unknown[0]}'; allowed keys: all, "
+                         f"{', '.join(MODEL_NAMES)}")
+    for name in MODEL_NAMES:
+        check = name in params["models"] or name in search["space"]
+        if not check:
+            continue
+        fixed = dict(search["fixed"])
+        for group in ("all", name):
+            for path, spec in (search["space"].get(group) or {}).items():
+                where = f"search.space.{group}.{path}"
+                expected, _ = _search_target(path, name, where)
+                _validate_range(spec, expected, where)
+        for path, value in fixed.items():
+            _search_target(path, name, f"search.fixed.{path}")
+        _check_vit_shapes(params, name, search)
+        _validate(deep_merge(params, search_overrides(fixed, name)), SCHEMA, "", partial=True)
+
+
+def _check_vit_shapes(params: dict, name: str, search: dict) -> None:
+    """Every searched patch size divides the input, every width splits into the heads."""
+    if not name.startswith("vit"):
+        return
+    space = {**(search["space"].get("all") or {}), **(search["space"].get(name) or {})}
+    model = params["model_params"][name]
+
+    def values(key):
+        spec = space.get(f"model.{key}")
+        if spec is None:
+            return [model[key]]
+        return spec["choices"] if "choices" in spec else [spec["low"], spec["high"]]
+
+    for patch in values("patch_size"):
+        if model["input_size"] % patch or patch % 2 ** model.get("stem_layers", 0):
+            raise ValueError(f"search.space: model.patch_size {patch} of {name} must divide "
+                             f"input_size {model['input_size']}"
+                             + (f" and be a multiple of 2**stem_layers" if "stem_layers" in model
+                                else ""))
+    for width in values("hidden_dim"):
+        for heads in values("num_heads"):
+            if width % heads:
+                raise ValueError(f"search.space: model.hidden_dim {width} of {name} does not "
+                                 f"split into {heads} heads (model.num_heads)")
+
+
+def _validate_range(spec, expected, where: str) -> None:
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"{where}: expected {{low: .., high: ..[, log: true][, step: ..]}} or "
+                         f"{{choices: [..]}}, got {spec!r}")
+    unknown = sorted(set(spec) - set(SEARCH_RANGE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key '{where}.{unknown[0]}'; allowed keys: "
+                         f"{', '.join(SEARCH_RANGE_KEYS)}")
+    if "choices" in spec:
+        if set(spec) != {"choices"}:
+            raise ValueError(f"{where}: give either choices or low/high, not both")
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ValueError(f"{where}.choices: expected a non-empty list, got {choices!r}")
+        for index, choice in enumerate(choices):
+            _validate({"value": choice}, {"value": (expected, None)}, f"{where}.choices[{index}]",
+                      partial=True)
+        return
+    numeric = expected in (int, NUMBER) or expected == (*NUMBER,)
+    if not numeric:
+        raise ValueError(f"{where}: a {_type_name(expected)} setting takes choices, not a range")
+    for bound in ("low", "high"):
+        value = spec.get(bound)
+        if isinstance(value, bool) or not isinstance(value, NUMBER):
+            raise ValueError(f"{where}.{bound}: expected a number, got {value!r}")
+        if expected is int and not isinstance(value, int):
+            raise ValueError(f"{where}.{bound}: this setting is an integer, got {value!r}")
+    if spec["low"] > spec["high"]:
+        raise ValueError(f"{where}: low {spec['low']} is above high {spec['high']}")
+    if spec.get("log") and spec["low"] <= 0:
+        raise ValueError(f"{where}: a log range needs low > 0, got {spec['low']}")
+    if spec.get("log") and spec.get("step"):
+        raise ValueError(f"{where}: give log or step, not both")
 
 
 class _Loader(yaml.SafeLoader):
@@ -278,8 +433,9 @@ def model_settings(params: dict, model_name: str) -> dict:
         # jit_compile=False under JAX means an uncompiled, op-by-op step: measured on an H200,
         # the full profile's ResNet50V2 trained at 84 img/s that way, slower than this CPU.
         train["jit_compile"] = True
+    augment = deep_merge(params["augment"], params["augment_overrides"].get(model_name, {}))
     return {"model": model_name, "seed": params["seed"], "train": train,
-            "augment": copy.deepcopy(params["augment"]),
+            "augment": augment,
             "model_params": copy.deepcopy(params["model_params"][model_name]),
             "data": {k: params["data"][k] for k in ("val_fraction", "limit_per_split",
                                                    "on_error")},

@@ -197,8 +197,9 @@ class _Collector:
 
 # ----------------------------------------------------------------------------- CSV reader
 
-def read_csv(path: Path, on_error: str = "raise") -> FERData:
-    """Read the challenge CSV (``emotion,pixels,Usage``; plain or gzip-compressed)."""
+def read_csv(path: Path, on_error: str = "raise", splits=SPLITS) -> FERData:
+    """Read the challenge CSV (``emotion,pixels,Usage``; plain or gzip-compressed); rows of a
+    split not in ``splits`` are passed over before their pixels are parsed."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     collector = _Collector(on_error)
@@ -222,6 +223,8 @@ def read_csv(path: Path, on_error: str = "raise") -> FERData:
                 if usage not in USAGE_TO_SPLIT:
                     collector.bad(entry, f"Usage {usage!r} is not one of "
                                          f"{', '.join(USAGE_TO_SPLIT)}")
+                    continue
+                if USAGE_TO_SPLIT[usage] not in splits:
                     continue
                 try:
                     values = np.array(pixels.split(), dtype=np.int64)
@@ -259,12 +262,14 @@ def _split_of(parts: tuple[str, ...]) -> tuple[str | None, str, str | None]:
 
 
 def _read_entries(entries, root: str, on_error: str, class_map: dict | None,
-                  val_fraction: float, seed: int) -> FERData:
+                  val_fraction: float, seed: int, splits=SPLITS) -> FERData:
     """Shared logic for folders and zips: ``entries`` yields (name, relative parts, reader).
 
     The split of an entry is its file-name prefix if it has one, else its top folder's
     (:data:`FOLDER_TO_SPLIT`), else ``test``. Only a layout without any validation image gets
     a seeded stratified ``val_fraction`` of its prefix-less train images as validation.
+    Entries of a split not in ``splits`` are passed over unread (a search never opens a
+    PrivateTest image).
     """
     collector = _Collector(on_error)
     unsplit: list[int] = []  # indices whose split came from the folder, not the file name
@@ -279,6 +284,8 @@ def _read_entries(entries, root: str, on_error: str, class_map: dict | None,
             raise FERDataError(f"{entry}: unknown class folder {class_folder!r}; known names "
                                f"(case-insensitive): {known}; map others with a class map "
                                f"(e.g. --class-map contempt=disgust)")
+        if (split or folder_split or "test") not in splits:
+            continue
         try:
             image, converted = _decode_image(read())
         except Exception as error:  # PIL raises many types for corrupt data
@@ -311,7 +318,8 @@ def _stratified_val_slice(data: FERData, candidates: np.ndarray, fraction: float
     return np.concatenate(chosen)
 
 
-def read_folder(path: Path, on_error="raise", class_map=None, val_fraction=0.1, seed=0):
+def read_folder(path: Path, on_error="raise", class_map=None, val_fraction=0.1, seed=0,
+                splits=SPLITS):
     """Read an image-folder root (``train/<class>/``, ``val/<class>/``, ``test/<class>/`` or
     just ``<class>/``)."""
     path = Path(path)
@@ -322,10 +330,11 @@ def read_folder(path: Path, on_error="raise", class_map=None, val_fraction=0.1, 
                            f"val/<class>/*.jpg, test/<class>/*.jpg or <class>/*.jpg)")
     entries = ((str(f.relative_to(path)), f.relative_to(path).parts, f.read_bytes)
                for f in files)
-    return _read_entries(entries, str(path), on_error, class_map, val_fraction, seed)
+    return _read_entries(entries, str(path), on_error, class_map, val_fraction, seed, splits)
 
 
-def read_zip(path: Path, on_error="raise", class_map=None, val_fraction=0.1, seed=0):
+def read_zip(path: Path, on_error="raise", class_map=None, val_fraction=0.1, seed=0,
+             splits=SPLITS):
     """Read a ``.zip`` of the image-folder layout without extracting it to disk."""
     path = Path(path)
     try:
@@ -344,7 +353,8 @@ def read_zip(path: Path, on_error="raise", class_map=None, val_fraction=0.1, see
             else 0
         entries = ((n, PurePosixPath(n).parts[strip:], lambda n=n: archive.read(n))
                    for n in names)
-        return _read_entries(entries, str(path), on_error, class_map, val_fraction, seed)
+        return _read_entries(entries, str(path), on_error, class_map, val_fraction, seed,
+                             splits)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -371,7 +381,7 @@ def default_cache_dir() -> Path:
 
 def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None,
                  val_fraction: float = 0.1, seed: int = 0, cache: bool = True,
-                 cache_dir: Path | None = None) -> FERData:
+                 cache_dir: Path | None = None, splits=SPLITS) -> FERData:
     """Load a FER-style dataset from a CSV, an image folder or a zip (auto-detected).
 
     Parameters
@@ -385,6 +395,9 @@ def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None
     val_fraction, seed : float, int
         Used only when the layout has no validation images (no ``PublicTest_`` file names, no
         ``val/`` folder): the seeded stratified slice of ``train/`` that becomes validation.
+    splits : sequence of str
+        The splits to read (default all); ``("train", "val")`` leaves every PrivateTest entry
+        unread, its image never decoded (the recipe search).
     cache : bool
         Read and write a ``.npz`` cache keyed by the source's content hash, these options and
         :func:`reader_version`, so a changed file or a changed reader never returns stale data.
@@ -396,8 +409,11 @@ def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None
     path = Path(path).expanduser()
     kind = detect_format(path)
     digest = source_hash(path)
+    splits = tuple(split for split in SPLITS if split in splits)
     options = {"on_error": on_error, "class_map": class_map, "val_fraction": val_fraction,
                "seed": seed, "reader": reader_version()}
+    if splits != SPLITS:
+        options["splits"] = splits  # only then: the caches of whole datasets keep their keys
     key = hashlib.sha256((digest + json.dumps(options, sort_keys=True)).encode()).hexdigest()
     cache_file = Path(cache_dir or default_cache_dir()) / f"fer-{key[:24]}.npz"
     if cache and cache_file.exists():
@@ -406,10 +422,10 @@ def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None
         except Exception:  # a damaged cache is rebuilt, never trusted
             cache_file.unlink(missing_ok=True)
     if kind == "csv":
-        data = read_csv(path, on_error)
+        data = read_csv(path, on_error, splits)
     else:
         reader = read_zip if kind == "zip" else read_folder
-        data = reader(path, on_error, class_map, val_fraction, seed)
+        data = reader(path, on_error, class_map, val_fraction, seed, splits)
     data.source_hash = digest
     if len(data) == 0:
         raise FERDataError(f"{path}: no usable images ({len(data.skipped)} skipped)")
@@ -663,8 +679,9 @@ def pixel_statistics(data: FERData) -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
-def load_dataset(params: dict, progress: bool = False) -> FERData:
-    """The dataset a profile asks for: its source (``FER2013_PATH`` wins), options and limits."""
+def load_dataset(params: dict, progress: bool = False, splits=SPLITS) -> FERData:
+    """The dataset a profile asks for: its source (``FER2013_PATH`` wins), options and limits;
+    ``splits`` as in :func:`load_fer2013`."""
     from ferlib.config import resolve_data_path
 
     settings = params["data"]
@@ -672,7 +689,7 @@ def load_dataset(params: dict, progress: bool = False) -> FERData:
     if progress:
         print(f"loading {path}", flush=True)
     data = load_fer2013(path, on_error=settings["on_error"], val_fraction=settings["val_fraction"],
-                        seed=params["seed"])
+                        seed=params["seed"], splits=splits)
     if settings["limit_per_split"]:
         data = subsample(data, settings["limit_per_split"], seed=params["seed"])
     return data

@@ -34,6 +34,17 @@ class ClassToken(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="ferlib")
+class PatchTokenMean(layers.Layer):
+    """Mean of the patch tokens (positions 1..) of a ``(batch, tokens, dim)`` sequence."""
+
+    def call(self, inputs):
+        return keras.ops.mean(inputs[:, 1:, :], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+
+@keras.saving.register_keras_serializable(package="ferlib")
 class GrayToRGB(layers.Layer):
     """Repeat a single gray channel three times (backbones expect RGB)."""
 
@@ -201,11 +212,12 @@ def build_alexnet(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, width=1.0,
 
 
 def build_resnet50v2(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, dropout_rate=0.3,
-                     bn_momentum=0.9, weights=None, augment=None, seed=None):
+                     bn_momentum=0.9, dense_units=0, weights=None, augment=None, seed=None):
     """``keras.applications.ResNet50V2`` backbone with a new head (GAP, dropout, Dense logits).
 
     ``weights``: None (from scratch), ``"imagenet"`` (downloaded by Keras, or read from
     ``~/.keras/models/`` when placed there by hand) or a local backbone weights file.
+    ``dense_units`` > 0 adds a hidden ReLU layer of that size to the head.
     ``bn_momentum`` replaces Keras' 0.99: with few steps per epoch and a high learning rate the
     moving statistics lag the weights and inference-mode accuracy swings (measured here).
     """
@@ -227,28 +239,55 @@ def build_resnet50v2(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, dropout_
             layer.momentum = bn_momentum
     x = backbone(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
+    if dense_units:
+        x = layers.Dropout(dropout_rate, name="head_hidden_dropout")(x)
+        x = layers.Dense(dense_units, activation="relu", name="head_hidden")(x)
     x = layers.Dropout(dropout_rate, name="head_dropout")(x)
     return keras.Model(inputs, _logits(x, num_classes), name="resnet50v2")
 
 
 def build_vit(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, patch_size=6, num_layers=6,
               num_heads=4, hidden_dim=192, mlp_dim=384, dropout_rate=0.1,
-              attention_dropout=0.0, weights=None, augment=None, seed=None):
-    """``keras_hub.models.ViTBackbone`` with a class-token head.
+              attention_dropout=0.0, pooling="class_token", weights=None, augment=None,
+              seed=None, stem_layers=0, name="vit"):
+    """``keras_hub.models.ViTBackbone`` with a class-token (or mean-token) head.
 
     ``weights="imagenet"`` loads the keras-hub preset ``vit_base_patch16_224_imagenet`` (which
     fixes the architecture: 224 px, patch 16, 12 layers, 768 dims); a local file loads backbone
     weights saved with ``backbone.save_weights``.
+
+    ``stem_layers`` > 0 puts that many stride-2 3x3 convolutions (batch norm, ReLU) before the
+    transformer, the convolutional stem of Xiao et al. 2021, "Early Convolutions Help
+    Transformers See Better"; the transformer then cuts the feature map into patches of
+    ``patch_size / 2**stem_layers``, so a token still covers ``patch_size`` input pixels.
+    ``pooling``: the class token, or the mean of the patch tokens (as in CCT-style small-data
+    ViTs).
     """
     import keras_hub
 
     _check_local_weights(weights)
-    if input_size % patch_size:
-        raise ValueError(f"model_params.vit.patch_size: {patch_size} does not divide "
-                         f"input_size {input_size}")
+    if input_size % patch_size or patch_size % 2 ** stem_layers:
+        raise ValueError(f"model_params.{name}.patch_size: {patch_size} must divide input_size "
+                         f"{input_size}" + (f" and be a multiple of 2**stem_layers "
+                                            f"({2 ** stem_layers})" if stem_layers else ""))
+    if pooling not in ("class_token", "mean"):
+        raise ValueError(f"model_params.{name}.pooling: {pooling!r} is not allowed; allowed "
+                         f"values: class_token, mean")
     inputs = _inputs()
     x = stem(inputs, input_size, augment, "symmetric", seed)
+    feature_size, channels = input_size, 3
+    for index in range(stem_layers):
+        # Channels grow to hidden_dim at the last layer (hidden_dim / 2**k before it).
+        channels = max(16, hidden_dim // 2 ** (stem_layers - 1 - index))
+        x = layers.Conv2D(channels, 3, strides=2, padding="same", use_bias=False,
+                          name=f"stem_conv{index + 1}")(x)
+        x = layers.BatchNormalization(name=f"stem_conv{index + 1}_bn")(x)
+        x = layers.ReLU(name=f"stem_conv{index + 1}_relu")(x)
+        feature_size //= 2
     if weights == "imagenet":
+        if stem_layers:
+            raise ValueError(f"weights: the ImageNet preset is a patchify ViT; {name} has a "
+                             f"convolutional stem")
         try:
             backbone = keras_hub.models.ViTBackbone.from_preset(VIT_IMAGENET_PRESET)
         except Exception as error:
@@ -258,17 +297,34 @@ def build_vit(num_classes=NUM_CLASSES, *, input_size=IMAGE_SIZE, patch_size=6, n
                 f"its local folder or a saved backbone weights file as weights=PATH") from error
     else:
         backbone = keras_hub.models.ViTBackbone(
-            image_shape=(input_size, input_size, 3), patch_size=patch_size,
-            num_layers=num_layers, num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim,
+            image_shape=(feature_size, feature_size, channels),
+            patch_size=patch_size // 2 ** stem_layers, num_layers=num_layers,
+            num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim,
             dropout_rate=dropout_rate, attention_dropout=attention_dropout)
         if weights:
             backbone.load_weights(weights)
-    x = ClassToken(name="class_token")(backbone(x))
+    tokens = backbone(x)
+    if pooling == "mean":
+        x = PatchTokenMean(name="token_mean")(tokens)
+    else:
+        x = ClassToken(name="class_token")(tokens)
     x = layers.Dropout(dropout_rate, name="head_dropout")(x)
-    return keras.Model(inputs, _logits(x, num_classes), name="vit")
+    return keras.Model(inputs, _logits(x, num_classes), name=name)
 
 
-REGISTRY = {"alexnet": build_alexnet, "resnet50v2": build_resnet50v2, "vit": build_vit}
+def build_vit_conv(num_classes=NUM_CLASSES, *, patch_size=4, stem_layers=2, num_layers=4,
+                   num_heads=4, hidden_dim=128, mlp_dim=256, pooling="mean", **kwargs):
+    """The ViT of :func:`build_vit` behind a convolutional stem (``stem_layers`` >= 1)."""
+    if stem_layers < 1:
+        raise ValueError("model_params.vit_conv.stem_layers: expected at least 1 (0 is the "
+                         "plain ViT: use the model vit)")
+    return build_vit(num_classes, patch_size=patch_size, stem_layers=stem_layers,
+                     num_layers=num_layers, num_heads=num_heads, hidden_dim=hidden_dim,
+                     mlp_dim=mlp_dim, pooling=pooling, name="vit_conv", **kwargs)
+
+
+REGISTRY = {"alexnet": build_alexnet, "resnet50v2": build_resnet50v2, "vit": build_vit,
+            "vit_conv": build_vit_conv}
 assert tuple(REGISTRY) == MODEL_NAMES
 
 

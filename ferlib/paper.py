@@ -14,7 +14,8 @@ SOURCE = (
     "Tables 5-6: confusion matrices in % of the true class)."
 )
 
-MODEL_DISPLAY_NAMES = {"vit": "ViT", "resnet50v2": "ResNet50V2", "alexnet": "AlexNet (Alex CNN)"}
+MODEL_DISPLAY_NAMES = {"vit": "ViT", "resnet50v2": "ResNet50V2", "alexnet": "AlexNet (Alex CNN)",
+                       "vit_conv": "ViT, convolutional stem"}
 
 PAPER_CONFUSION_MODELS = ("vit", "resnet50v2")
 """Models for which the paper prints a confusion matrix and a per-epoch table."""

@@ -350,7 +350,7 @@ def finished_result(model_name: str, data: FERData, params: dict, run_dir,
 
 
 def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bool = True,
-          subdir: str | None = None) -> dict:
+          subdir: str | None = None, on_epoch=None) -> dict:
     """Train ``model_name`` on ``data``'s train split, select on val, report test once.
 
     Parameters
@@ -365,6 +365,9 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
         Artifacts go to ``run_dir/models/<model_name>[/<subdir>]``.
     progress : bool
         Print one line per epoch (and a batch bar on a terminal).
+    on_epoch : callable, optional
+        Called with each finished epoch's history row (a dict) once that epoch is committed;
+        the recipe search reports to Optuna here, and may stop the training by raising.
 
     Returns
     -------
@@ -466,6 +469,8 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
                       budget)
         _save_checkpoint(state, model, out, epoch + 1)
         _log_epoch(say, state, train_settings, budget)
+        if on_epoch is not None:
+            on_epoch(dict(state["history"][-1]))
 
     return _finish(model_name, state, settings, out, (x_val, y_val), (x_test, y_test),
                    data, say, run_dir=Path(run_dir), part=subdir or "",

@@ -1,0 +1,381 @@
+"""Recipe search with Optuna: one study per (profile, model), stored in a database.
+
+Each trial samples a recipe from the profile's ``search.space``, trains on (a stratified subset
+of) Training with :func:`ferlib.train.train` and reports PublicTest accuracy after every epoch;
+Optuna's pruner stops trials that fall behind. The objective is the best PublicTest accuracy of
+the trial, the epoch that ``train`` keeps. PrivateTest is never read: the search loads the
+dataset with ``splits=("train", "val")``, so no PrivateTest image is even decoded.
+
+The study lives in ``runs/<profile>/search/studies.db`` (SQLite) unless ``storage`` names
+another Optuna storage URL (``postgresql://...``, ``mysql://...``), so a second machine can work
+on the same study. Trials send a heartbeat: a trial whose process died (``kill -9``, a lost
+machine) is marked failed once its heartbeat is overdue and re-queued once with the same
+recipe (Optuna's ``RetryHeartbeatStaleTrialCallback``); failed trials never count as results. The
+budget is a number of finished (complete or pruned) trials per study, each of at most
+``search.epochs`` epochs, the same for every model.
+
+Nothing here re-implements what Optuna has: sampling (TPE), pruning, storage, heartbeat and
+retry are Optuna's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+from ferlib import MODEL_NAMES
+from ferlib.config import (AUGMENT_SCHEMA, MODEL_SCHEMAS, TRAIN_SCHEMA, deep_merge,
+                           search_overrides, validate)
+
+STORAGE_FILE = "studies.db"
+# Trials of these states are results and count towards the budget; a failed trial does not.
+COUNTED_STATES = ("COMPLETE", "PRUNED")
+
+
+class BudgetReached(RuntimeError):
+    """Raised inside a trial that another worker's running trials have made unnecessary."""
+
+
+def search_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "search"
+
+
+def study_name(profile: str, model_name: str) -> str:
+    return f"{profile}/{model_name}"
+
+
+def default_storage(run_dir: Path) -> str:
+    """The SQLite URL of a run directory's study database (the folder is created)."""
+    path = search_dir(run_dir) / STORAGE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path.resolve()}"
+
+
+def open_storage(url: str, heartbeat_seconds: int = 60):
+    """An Optuna RDB storage with heartbeats: a trial is stale after 3 missed beats and is
+    then re-queued once with its recipe."""
+    from filelock import FileLock
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    def create():
+        engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds,
+                          grace_period=3 * heartbeat_seconds,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                              max_retry=1))
+
+    # Two workers opening a new SQLite file at once would both create its tables (and one
+    # fail); a lock beside the file makes the first create them and the second find them.
+    # Server databases handle this themselves.
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    with FileLock(f"{path}.lock", timeout=300) if path else contextlib.nullcontext():
+        return create()
+
+
+def make_pruner(search: dict):
+    """The pruner ``search.pruner`` names, from Optuna."""
+    import optuna
+
+    kind = search["pruner"]
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=search["startup_trials"],
+                                           n_warmup_steps=search["warmup_epochs"])
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=search["epochs"])
+    if kind == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=search["threshold"])
+    return optuna.pruners.NopPruner()
+
+
+def model_space(params: dict, model_name: str) -> dict:
+    """Dotted path -> range or choices for one model: ``search.space.all`` then its own."""
+    space = params["search"]["space"]
+    return {**(space.get("all") or {}), **(space.get(model_name) or {})}
+
+
+def _schema_type(path: str, model_name: str):
+    group, _, key = path.partition(".")
+    schema = {"train": TRAIN_SCHEMA, "augment": AUGMENT_SCHEMA,
+              "model": MODEL_SCHEMAS[model_name]}[group]
+    return schema[key][0]
+
+
+def suggest(trial, path: str, spec: dict, expected):
+    """One value from Optuna's ``suggest_*`` for a validated range or list of choices."""
+    if "choices" in spec:
+        return trial.suggest_categorical(path, spec["choices"])
+    step, log = spec.get("step"), bool(spec.get("log"))
+    if expected is int:
+        return trial.suggest_int(path, spec["low"], spec["high"], step=step or 1, log=log)
+    return trial.suggest_float(path, float(spec["low"]), float(spec["high"]), step=step,
+                               log=log)
+
+
+def trial_params(params: dict, model_name: str, values: dict) -> dict:
+    """The profile with one trial's values (and ``search.fixed``, ``search.epochs``) set for
+    ``model_name`` only, validated like any profile."""
+    search = params["search"]
+    chosen = {**search["fixed"], "train.epochs": search["epochs"], **values}
+    merged = deep_merge(params, search_overrides(chosen, model_name))
+    merged["models"] = [model_name]
+    return validate(merged)
+
+
+def open_study(params: dict, model_name: str, storage: str | None = None, *,
+               run_dir: Path | None = None):
+    """The study of (profile, model) in ``storage`` (default: the run directory's SQLite)."""
+    import optuna
+
+    from ferlib.runs import run_dir as default_run_dir
+
+    directory = Path(run_dir or default_run_dir(params["profile"]))
+    url = storage or default_storage(directory)
+    search = params["search"]
+    name = study_name(params["profile"], model_name)
+    # Each worker samples from its own stream: two workers seeded alike would start with the
+    # same recipes. The study's trials, not the sampler's seed, are the record of the search.
+    sampler = optuna.samplers.TPESampler(
+        seed=(params["seed"] * 1_000_003 + os.getpid() + hash(socket.gethostname())) % 2**31,
+        n_startup_trials=search["startup_trials"])
+    storage_object = open_storage(url, search["heartbeat_seconds"])
+    study = optuna.create_study(study_name=name, storage=storage_object, sampler=sampler,
+                                pruner=make_pruner(search), direction="maximize",
+                                load_if_exists=True)
+    budget = {key: search[key] for key in ("trials", "epochs", "train_images", "pruner")}
+    study.set_user_attr("budget", budget)
+    study.set_user_attr("space", model_space(params, model_name))
+    study.set_user_attr("fixed", search["fixed"])
+    return study
+
+
+def counted_trials(study) -> list:
+    import optuna
+
+    states = tuple(getattr(optuna.trial.TrialState, state) for state in COUNTED_STATES)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def _drop_weights(directory: Path) -> None:
+    """Keep a trial's history, timing and metrics; its model files are not needed later."""
+    for pattern in ("*.keras", "*.h5"):
+        for file in Path(directory).rglob(pattern):
+            file.unlink(missing_ok=True)
+
+
+def search_data(params: dict, progress: bool = True):
+    """Training (or its stratified ``search.train_images`` subset) and PublicTest; PrivateTest
+    is not read."""
+    from ferlib.data import load_dataset, subsample
+
+    data = load_dataset(params, progress=progress, splits=("train", "val"))
+    limit = params["search"]["train_images"]
+    if limit:
+        data = subsample(data, {"train": limit}, seed=params["seed"])
+    return data
+
+
+def run_search(params: dict, model_name: str, *, trials: int | None = None,
+               storage: str | None = None, timeout_hours: float | None = None,
+               run_dir: Path | None = None, progress: bool = True, data=None):
+    """Run (or resume, or join) the search of one model until the study has ``trials``
+    finished trials (default ``search.trials``) or ``timeout_hours`` pass.
+
+    Parameters
+    ----------
+    params : dict
+        The resolved profile (``ferlib.config.load_params``).
+    model_name : str
+    trials : int, optional
+        The study's budget of finished (complete + pruned) trials, counted over every worker
+        and every earlier run of the search.
+    storage : str, optional
+        An Optuna storage URL; default ``sqlite:///runs/<profile>/search/studies.db``.
+    timeout_hours : float, optional
+        Stop starting new trials after this long.
+    run_dir : Path, optional
+        Default ``runs/<profile>``; trials train in ``<run_dir>/search/<model>/trial-NNNN``.
+    data : FERData, optional
+        Use these arrays instead of loading (tests); must not hold PrivateTest images.
+
+    Returns
+    -------
+    optuna.Study
+    """
+    import optuna
+
+    from ferlib.runs import run_dir as default_run_dir
+    from ferlib.train import train
+
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"model: unknown model {model_name!r}; allowed values: "
+                         f"{', '.join(MODEL_NAMES)}")
+    space = model_space(params, model_name)
+    if not space:
+        raise ValueError(f"search.space: nothing to search for {model_name}; declare ranges "
+                         f"under search.space.all or search.space.{model_name}")
+    directory = Path(run_dir or default_run_dir(params["profile"]))
+    study = open_study(params, model_name, storage, run_dir=directory)
+    target = trials or params["search"]["trials"]
+    say = print if progress else (lambda *args, **kwargs: None)
+    done = len(counted_trials(study))
+    if done >= target:
+        say(f"[search {study.study_name}] budget spent: {done} of {target} trials finished")
+        return study
+    if data is None:
+        data = search_data(params, progress)
+    if (data.split == "test").any():
+        raise ValueError("search: the data hold PrivateTest images; a search must not see them")
+    trials_dir = search_dir(directory) / model_name
+    started, seconds = time.time(), []
+    say(f"[search {study.study_name}] {done} of {target} trials finished; "
+        f"{int((data.split == 'train').sum()):,} train / {int((data.split == 'val').sum()):,} "
+        f"PublicTest images, at most {params['search']['epochs']} epochs per trial, "
+        f"pruner {params['search']['pruner']}")
+
+    def objective(trial):
+        running = [t for t in study.get_trials(deepcopy=False,
+                                               states=(optuna.trial.TrialState.RUNNING,))
+                   if t.number != trial.number]
+        if len(counted_trials(study)) + len(running) >= target:
+            study.stop()
+            raise BudgetReached(f"the budget of {target} trials is reached by the trials "
+                                f"running elsewhere")
+        values = {path: suggest(trial, path, spec, _schema_type(path, model_name))
+                  for path, spec in space.items()}
+        settings = trial_params(params, model_name, values)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial_dir = trials_dir / f"trial-{trial.number:04d}"
+        trial.set_user_attr("directory", str(trial_dir.relative_to(directory)))
+        began = time.time()
+
+        def report(row):
+            trial.report(row["val_accuracy"], row["epoch"])
+            trial.set_user_attr("epochs", row["epoch"])
+            trial.set_user_attr("train_accuracy", row["accuracy"])
+            trial.set_user_attr("seconds", time.time() - began)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {row['epoch']} "
+                                         f"(PublicTest {row['val_accuracy']:.3f})")
+
+        try:
+            result = train(model_name, data, settings, trial_dir, progress=progress,
+                           on_epoch=report)
+        finally:
+            _drop_weights(trial_dir)
+        trial.set_user_attr("best_epoch", result["best_epoch"])
+        return result["val"]["accuracy"]
+
+    def log_trial(study, trial):
+        if trial.state.name not in COUNTED_STATES:
+            return
+        seconds.append(trial.user_attrs.get("seconds", 0.0))
+        finished = len(counted_trials(study))
+        remaining = max(target - finished, 0)
+        eta = remaining * (sum(seconds) / len(seconds)) / 60
+        try:
+            best = f"best {study.best_value:.3f} (#{study.best_trial.number})"
+        except ValueError:  # no complete trial yet
+            best = "no complete trial yet"
+        value = "" if trial.value is None else f" PublicTest {trial.value:.3f}"
+        say(f"[search {study.study_name}] trial #{trial.number} {trial.state.name.lower()} "
+            f"after {trial.user_attrs.get('epochs', 0)} epochs{value}; {best}; "
+            f"{finished}/{target} finished, {(time.time() - started) / 60:.1f} min so far, "
+            f"ETA {eta:.0f} min", flush=True)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, callbacks=[
+        optuna.study.MaxTrialsCallback(target, states=tuple(
+            getattr(optuna.trial.TrialState, state) for state in COUNTED_STATES)),
+        log_trial], timeout=timeout_hours * 3600 if timeout_hours else None,
+        catch=(BudgetReached,), gc_after_trial=True)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        if trial.user_attrs.get("directory"):
+            _drop_weights(directory / trial.user_attrs["directory"])  # a dead worker's
+    return study
+
+
+# ----------------------------------------------------------------------------- results
+
+def trials_table(study):
+    """One row per trial: number, state, PublicTest accuracy, epochs, minutes, the values."""
+    import pandas as pd
+
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        rows.append({"trial": trial.number, "state": trial.state.name.lower(),
+                     "publictest_accuracy": trial.value,
+                     "epochs": trial.user_attrs.get("epochs"),
+                     "best_epoch": trial.user_attrs.get("best_epoch"),
+                     "train_accuracy": trial.user_attrs.get("train_accuracy"),
+                     "minutes": (trial.user_attrs.get("seconds") or math.nan) / 60,
+                     **trial.params})
+    return pd.DataFrame(rows)
+
+
+def budget_summary(study) -> dict:
+    """The declared budget and what was spent: trials by state, epochs trained, CPU hours."""
+    table = trials_table(study)
+    counted = table[table.state.isin([state.lower() for state in COUNTED_STATES])]
+    budget = study.user_attrs.get("budget", {})
+    return {"study": study.study_name, "trials_budget": budget.get("trials"),
+            "epochs_per_trial": budget.get("epochs"), "train_images": budget.get("train_images"),
+            "pruner": budget.get("pruner"),
+            "complete": int((table.state == "complete").sum()),
+            "pruned": int((table.state == "pruned").sum()),
+            "failed": int((table.state == "fail").sum()),
+            "running": int((table.state == "running").sum()),
+            "epochs_trained": int(counted.epochs.fillna(0).sum()) if len(counted) else 0,
+            "hours": float(counted.minutes.fillna(0).sum() / 60) if len(counted) else 0.0}
+
+
+def best_recipe(study, model_name: str) -> dict:
+    """The best complete trial's values as the profile mapping that sets them for
+    ``model_name`` (``train_overrides`` / ``augment_overrides`` / ``model_params``)."""
+    best = study.best_trial
+    return search_overrides(dict(best.params), model_name)
+
+
+def best_recipe_yaml(study, model_name: str, storage_text: str = "") -> str:
+    """The best recipe as a YAML block to paste into ``params/<profile>.yaml``, with a comment
+    naming the study and trial it came from."""
+    import yaml
+
+    best = study.best_trial
+    budget = study.user_attrs.get("budget", {})
+    header = (f"# from the Optuna study {study.study_name}{storage_text}, trial {best.number}: "
+              f"PublicTest accuracy {best.value:.4f} after {best.user_attrs.get('epochs')} "
+              f"epochs\n# (search protocol: at most {budget.get('epochs')} epochs, "
+              f"{budget.get('train_images') or 'all'} Training images, fixed "
+              f"{study.user_attrs.get('fixed') or {}}); merge into the profile by hand.\n")
+    body = yaml.safe_dump(best_recipe(study, model_name), sort_keys=True,
+                          default_flow_style=None)
+    return header + body
+
+
+def load_studies(params: dict, storage: str | None = None, run_dir: Path | None = None) -> dict:
+    """{model name: study} for the profile's studies that exist in the storage (no creation);
+    empty when the storage has none."""
+    import optuna
+
+    from ferlib.runs import run_dir as default_run_dir
+
+    directory = Path(run_dir or default_run_dir(params["profile"]))
+    if storage is None:
+        path = search_dir(directory) / STORAGE_FILE
+        if not path.exists():
+            return {}
+        storage = f"sqlite:///{path.resolve()}"
+    names = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
+    studies = {}
+    for model_name in MODEL_NAMES:
+        if study_name(params["profile"], model_name) in names:
+            studies[model_name] = optuna.load_study(
+                study_name=study_name(params["profile"], model_name), storage=storage)
+    return studies
+
