@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup report train status test test-fast lab benchmark clean
+.PHONY: help setup report train search status test test-fast lab benchmark clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,6 +37,13 @@ train: setup ## train PROFILE's models, one process each, logging to runs/PROFIL
 	@for model in $$($(BIN)/python -c "from ferlib.config import load_params; print(*load_params('$(PROFILE)')['models'])"); do \
 		echo "training $$model (log: runs/$(PROFILE)/train.log)"; \
 		$(BIN)/python -m ferlib train --profile $(PROFILE) --model $$model >> runs/$(PROFILE)/train.log 2>&1 || exit 1; \
+	done
+
+search: setup ## Optuna recipe search of every model in PROFILE's search space, one after another (resumable; log: runs/PROFILE/search.log)
+	@mkdir -p runs/$(PROFILE)
+	@for model in $$($(BIN)/python -c "from ferlib.config import load_params; from ferlib import MODEL_NAMES; space = load_params('$(PROFILE)')['search']['space']; print(*[m for m in MODEL_NAMES if m in space])"); do \
+		echo "searching $$model (log: runs/$(PROFILE)/search.log)"; \
+		$(BIN)/python -m ferlib search --profile $(PROFILE) --model $$model >> runs/$(PROFILE)/search.log 2>&1 || exit 1; \
 	done
 
 status: ## epochs done, best PublicTest accuracy and time left per model of PROFILE's run

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ferlib import MODEL_NAMES
+from ferlib import MODEL_NAMES, PAPER_MODELS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = PROJECT_ROOT / "params"
@@ -109,7 +109,7 @@ SCHEMA = {
     "profile": (str, "custom"),
     "description": (str, ""),
     "seed": (int, 42),
-    "models": (list, ["alexnet", "resnet50v2", "vit"]),  # the paper's three
+    "models": (list, list(PAPER_MODELS)),
     "cv_folds": (int, 0),
     "data": {
         "path": ((str, type(None)), None),

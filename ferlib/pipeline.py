@@ -40,7 +40,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 STEP_MODULES = {
     "01_eda": ("__init__", "config", "data", "plots", "paper", "runs", "pipeline"),
     "02_preprocess": ("__init__", "config", "data", "models", "train", "metrics", "results",
-                      "plots", "paper", "runs", "pipeline"),
+                      "plots", "paper", "runs", "pipeline", "search"),
     "03_train": ("__init__", "config", "data", "models", "train", "metrics", "results",
                  "plots", "paper", "runs", "pipeline", "explain"),
     "04_compare": ("__init__", "config", "data", "models", "train", "metrics", "results",
@@ -87,8 +87,10 @@ def upstream_results(params: dict, step: str, extra: dict) -> list[str]:
 
     A train step shows its model's results (which may have been trained outside the
     pipeline, e.g. with ``ferlib train`` or on a GPU box); the compare step shows every
-    model's. With ``cv_folds`` set, a model's result is its ``cv_metrics.json``.
+    model's; the preprocessing step shows the recipe searches (``search/studies.db``). With ``cv_folds`` set, a model's result is its ``cv_metrics.json``.
     """
+    if step == "02_preprocess":
+        return ["search/studies.db"]  # the recipe searches that its page shows
     result = "cv_metrics.json" if params.get("cv_folds") else "metrics.json"
     models = (list(params["models"]) if step == "04_compare" else
               [extra["model"]] if "model" in extra else [])

@@ -554,6 +554,83 @@ def table(frame, precision: int = 3, formats: dict | None = None):
     return styler.set_table_attributes('class="ferlib-table"')
 
 
+# ------------------------------------------------------------------- recipe search
+
+_STATE_COLOURS = {"complete": "tab:blue", "pruned": "tab:orange"}
+
+
+def search_history(trials, curves, title="Recipe search"):
+    """Two panels: each trial's PublicTest accuracy by trial number with the best so far
+    (``ferlib.search.trials_table``), and every trial's accuracy per epoch, pruned trials
+    dashed (``ferlib.search.curves_table``)."""
+    fig, axes = _figure(1, 2, figsize=(11, 3.8))
+    history, curve_axis = axes[0]
+    counted = trials[trials.state.isin(list(_STATE_COLOURS))]
+    final = counted.set_index("trial").publictest_accuracy
+    last = curves.groupby("trial").publictest_accuracy.last() if len(curves) else final
+    for state, colour in _STATE_COLOURS.items():
+        chosen = counted[counted.state == state]
+        values = chosen.publictest_accuracy.where(chosen.publictest_accuracy.notna(),
+                                                  chosen.trial.map(last))
+        history.scatter(chosen.trial, values, color=colour, label=state, s=28)
+    complete = counted[counted.state == "complete"].sort_values("trial")
+    if len(complete):
+        history.step(complete.trial, complete.publictest_accuracy.cummax(), where="post",
+                     color="black", linewidth=1, label="best so far")
+    history.set(xlabel="trial", ylabel="PublicTest accuracy", title=f"{title}: history")
+    history.legend(fontsize=8)
+    for trial, frame in curves.groupby("trial"):
+        pruned = frame.state.iloc[0] == "pruned"
+        curve_axis.plot(frame.epoch, frame.publictest_accuracy, linewidth=1,
+                        linestyle="--" if pruned else "-",
+                        color=_STATE_COLOURS["pruned" if pruned else "complete"], alpha=0.8)
+    curve_axis.set(xlabel="epoch", ylabel="PublicTest accuracy",
+                   title="per epoch (dashed: pruned)")
+    return fig
+
+
+def search_importances(importance, title="Parameter importance (fANOVA)"):
+    """Horizontal bars of ``ferlib.search.importances``; None when there is nothing to show."""
+    if not importance:
+        return None
+    series = pd.Series(importance).sort_values()
+    fig, axes = _figure(figsize=(6, 0.35 * len(series) + 1))
+    axes[0, 0].barh(series.index, series.values, color="tab:blue")
+    axes[0, 0].set(xlabel="importance", title=title)
+    return fig
+
+
+def search_slices(trials, space, title="Each parameter against PublicTest accuracy"):
+    """One small scatter per searched parameter over the complete trials (log axes for log
+    ranges): the slice plot."""
+    complete = trials[trials.state == "complete"]
+    names = [name for name in space if name in complete]
+    if not len(complete) or not names:
+        return None
+    columns = min(4, len(names))
+    rows = -(-len(names) // columns)
+    fig, axes = _figure(rows, columns, figsize=(3.2 * columns, 2.6 * rows))
+    for index, axis in enumerate(axes.flat):
+        if index >= len(names):
+            axis.set_visible(False)
+            continue
+        name = names[index]
+        values = complete[name]
+        categorical = "choices" in space[name]
+        if categorical:
+            labels = [str(choice) for choice in space[name]["choices"]]
+            positions = values.astype(str).map({label: i for i, label in enumerate(labels)})
+            axis.set_xticks(range(len(labels)), labels, fontsize=7)
+            values = positions
+        axis.scatter(values, complete.publictest_accuracy, s=18, color="tab:blue")
+        if space[name].get("log"):
+            axis.set_xscale("log")
+        axis.set_title(name, fontsize=9)
+        axis.tick_params(labelsize=7)
+    fig.suptitle(title)
+    return fig
+
+
 # ------------------------------------------------------------------- calibration and saliency
 
 def _ece_from_bins(bins):

@@ -318,6 +318,33 @@ def trials_table(study):
     return pd.DataFrame(rows)
 
 
+def curves_table(study):
+    """PublicTest accuracy after every epoch of every counted trial (long format: trial,
+    state, epoch, publictest_accuracy): what the pruner saw."""
+    import pandas as pd
+
+    rows = [{"trial": trial.number, "state": trial.state.name.lower(), "epoch": int(epoch),
+             "publictest_accuracy": value}
+            for trial in counted_trials(study)
+            for epoch, value in sorted(trial.intermediate_values.items())]
+    return pd.DataFrame(rows, columns=["trial", "state", "epoch", "publictest_accuracy"])
+
+
+def importances(study) -> dict:
+    """Optuna's parameter importances (fANOVA) over the complete trials; empty with fewer
+    than two complete trials or when every trial scored alike."""
+    import optuna
+
+    complete = [t for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2 or len({t.value for t in complete}) < 2:
+        return {}
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError):  # e.g. a parameter that never varied
+        return {}
+
+
 def budget_summary(study) -> dict:
     """The declared budget and what was spent: trials by state, epochs trained, CPU hours."""
     table = trials_table(study)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 import ferlib.config
-from ferlib import MODEL_NAMES
+from ferlib import MODEL_NAMES, PAPER_MODELS
 from ferlib.config import (PARAMS_DIR, SCHEMA, load_params, model_settings, parse_overrides,
                            resolve_data_path, validate)
 from ferlib.data import DatasetNotFoundError
@@ -49,7 +49,7 @@ def test_profiles_describe_themselves():
 def test_defaults_fill_everything():
     params = validate({})
     assert params["seed"] == 42
-    assert params["models"] == list(MODEL_NAMES)
+    assert params["models"] == list(PAPER_MODELS)
     assert params["train"]["epochs"] == 30
     assert params["train_overrides"] == {name: {} for name in MODEL_NAMES}
     assert isinstance(params["train"]["learning_rate"], float)

@@ -23,6 +23,8 @@ TINY = {
     "alexnet": {"width": 0.25, "dense_units": 16},
     "resnet50v2": {"input_size": 32},
     "vit": {"patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64},
+    "vit_conv": {"patch_size": 8, "stem_layers": 2, "num_layers": 1, "num_heads": 2,
+                 "hidden_dim": 32, "mlp_dim": 64},
 }
 AUGMENT = {"flip": True, "rotation": 0.05, "translation": 0.1, "zoom": 0.1}
 BATCH = 4

@@ -151,6 +151,17 @@ def test_search_runs_prunes_the_worse_recipe_and_prints_the_best(tmp_path, capsy
     assert block.startswith("# from the Optuna study searchtest/alexnet, trial 1")
     adopted = validate(deep_merge(BASE, yaml.safe_load(block)))
     assert model_settings(adopted, "alexnet")["train"]["learning_rate"] == 3e-3
+    # The report's tables and figures come from the study.
+    from ferlib import plots
+    from ferlib.search import curves_table, importances, trials_table
+
+    trials, curves = trials_table(study), curves_table(study)
+    assert list(curves.groupby("trial").epoch.max()) == [1, 3]
+    assert plots.search_history(trials, curves).axes
+    assert plots.search_slices(trials, study.user_attrs["space"]) is not None
+    assert importances(study) == {}  # one complete trial: nothing to attribute
+    assert plots.search_importances({}) is None
+    assert plots.search_importances({"train.learning_rate": 0.7, "augment.zoom": 0.3}).axes
     # Resuming a finished search trains nothing.
     run_search(params, "alexnet", run_dir=tmp_path / "run", data=_synthetic_without_test())
     assert "budget spent: 2 of 2" in capsys.readouterr().out
