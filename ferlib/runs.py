@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -108,6 +109,136 @@ def code_hash(*modules: str) -> str:
     digest = hashlib.sha256()
     for module in sorted(set(modules)):
         digest.update(module.encode() + b"\0" + (package / f"{module}.py").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+_PLAIN = (int, float, str, bytes, bool, type(None))
+
+
+def _plain(value) -> bool:
+    """A constant whose repr is its content (numbers, strings, and containers of them)."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (tuple, list, frozenset, set)):
+        return all(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(_plain(key) and _plain(item) for key, item in value.items())
+    return False
+
+
+def _code_objects(code):
+    yield code
+    for constant in code.co_consts:
+        if hasattr(constant, "co_code"):  # nested functions, lambdas, classes, comprehensions
+            yield from _code_objects(constant)
+
+
+def _referenced(function, package: str):
+    """The objects a function's code names: its module's globals, names it imports inside
+    (``from ferlib.x import y``) and attributes of package modules (``metrics.softmax``)."""
+    import dis
+    import importlib
+    import types
+
+    namespace = getattr(function, "__globals__", {})
+    for code in _code_objects(function.__code__):
+        imported = None
+        module_object = None
+        for instruction in dis.get_instructions(code):
+            name = instruction.argval
+            if instruction.opname == "IMPORT_NAME":
+                imported = name
+                continue
+            if instruction.opname == "IMPORT_FROM" and imported:
+                module = sys.modules.get(imported) or importlib.import_module(imported)
+                if hasattr(module, name):
+                    yield name, getattr(module, name)
+                continue
+            if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME") and name in namespace:
+                value = namespace[name]
+                module_object = value if isinstance(value, types.ModuleType) else None
+                yield name, value
+                continue
+            if instruction.opname in ("LOAD_ATTR", "LOAD_METHOD") and module_object is not None:
+                if module_object.__name__.startswith(package) and hasattr(module_object, name):
+                    yield name, getattr(module_object, name)
+                module_object = None
+
+
+def _normalised_source(item) -> str:
+    """Source text without import statements, docstrings and comments (``ast.unparse``): a
+    function moved elsewhere imports its helpers from elsewhere, and that is not a change."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(item)))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if not isinstance(body, list):
+            continue
+        kept = [statement for statement in body
+                if not isinstance(statement, (ast.Import, ast.ImportFrom))]
+        if (kept and isinstance(kept[0], ast.Expr) and isinstance(kept[0].value, ast.Constant)
+                and isinstance(kept[0].value.value, str)):
+            kept = kept[1:]  # the docstring
+        node.body = kept or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def code_closure(*entries, package: str = "ferlib", exclude_modules=()) -> dict:
+    """The functions, classes and plain constants of ``package`` that ``entries`` use,
+    directly or through each other: ``{qualified name: source text or repr}``.
+
+    Module names, imports, docstrings and comments are not part of the result, so moving a
+    function unchanged to another module changes nothing; an edit to the code of any function
+    in the closure changes its text. Objects defined
+    in ``exclude_modules`` (and what only they use) are left out.
+    """
+    import inspect
+
+    found: dict[str, str] = {}
+    pending = list(entries)
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        module = getattr(item, "__module__", "") or ""
+        if not module.startswith(package) or module in exclude_modules:
+            continue
+        try:
+            found[item.__qualname__] = _normalised_source(item)
+        except (OSError, TypeError):  # no source file: fall back on the bytecode
+            found[item.__qualname__] = repr(getattr(item, "__code__", item).co_code
+                                            if hasattr(item, "__code__") else item)
+        functions = ([item] if inspect.isfunction(item) else
+                     [member for member in vars(item).values() if inspect.isfunction(member)]
+                     if inspect.isclass(item) else [])
+        for function in functions:
+            for name, value in _referenced(function, package):
+                if inspect.isfunction(value) or inspect.isclass(value):
+                    pending.append(value)
+                elif isinstance(value, (dict, tuple, list)) and not _plain(value):
+                    # A registry ({"alexnet": build_alexnet, ...}): follow what it holds.
+                    members = value.values() if isinstance(value, dict) else value
+                    pending.extend(member for member in members
+                                   if inspect.isfunction(member) or inspect.isclass(member))
+                    keys = sorted(map(str, value)) if isinstance(value, dict) else len(value)
+                    found.setdefault(f"{function.__qualname__}:{name}", repr(keys))
+                elif _plain(value) and not name.startswith("__"):
+                    # A constant is named by the module-free name it is used under.
+                    found.setdefault(f"{function.__qualname__}:{name}", repr(value))
+    return found
+
+
+def code_fingerprint(*entries, package: str = "ferlib", exclude_modules=()) -> str:
+    """Short hash of :func:`code_closure` (16 hex digits): the code that ``entries`` run."""
+    closure = code_closure(*entries, package=package, exclude_modules=exclude_modules)
+    digest = hashlib.sha256()
+    for name in sorted(closure):
+        digest.update(f"{name}\0{closure[name]}\0".encode())
     return digest.hexdigest()[:16]
 
 

@@ -30,12 +30,14 @@ import pandas as pd
 from ferlib import NUM_CLASSES, metrics
 from ferlib.config import model_settings
 from ferlib.data import FERData, class_weights, stratified_folds
-from ferlib.runs import atomic_save, code_hash, fingerprint, read_json, write_json
+from ferlib.runs import atomic_save, code_fingerprint, fingerprint, read_json, write_json
 
 STATE_FILE = "state.json"
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
-# The modules whose code decides a trained model; their source is part of its fingerprint.
-TRAINING_MODULES = ("train", "models")
+# Code that evaluates, reads inputs or writes files: it does not change what a model learns, and
+# its inputs (settings, data) are fingerprinted by value. Everything else that ``train`` runs,
+# wherever it lives, is "the training code" (see training_code).
+NOT_TRAINING_MODULES = ("ferlib.metrics", "ferlib.runs", "ferlib.config", "ferlib.data")
 TEST_LEDGER = "privatetest_scorings.json"
 TIMING_COLUMNS = ["epoch", "seconds", "train_seconds", "eval_seconds", "images_per_second"]
 
@@ -300,7 +302,15 @@ def training_key_parts(settings: dict, data: FERData) -> dict:
             "data": fingerprint({"data": data.source_hash, "counts": counts,
                                  "ids": fingerprint(data.source_ids.tolist()),
                                  "split": fingerprint(data.split.tolist())}),
-            "code": code_hash(*TRAINING_MODULES)}
+            "code": training_code()}
+
+
+def training_code() -> str:
+    """Fingerprint of the functions, classes and constants that training runs (``train`` and
+    what it calls: the loop, schedule, batches, model builders, layers), by their source text
+    and not by file, so moving a function to another module leaves finished runs current while
+    an edit to one of them marks them stale."""
+    return code_fingerprint(train, exclude_modules=NOT_TRAINING_MODULES)
 
 
 def training_key(settings: dict, data: FERData) -> str:
@@ -329,8 +339,7 @@ def describe_change(old_settings: dict | None, old_parts: dict | None, settings:
         if old_parts.get("data") != parts["data"]:
             changes.append("the data or its split")
         if old_parts.get("code") != parts["code"]:
-            changes.append("the training code (ferlib/" + ".py, ferlib/".join(TRAINING_MODULES)
-                           + ".py)")
+            changes.append("the training code (a function that train() runs)")
     elif not changes:
         changes.append("the data, its split or the training code")
     shown = changes[:6] + ([f"{len(changes) - 6} more"] if len(changes) > 6 else [])
