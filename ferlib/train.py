@@ -16,6 +16,7 @@ written atomically; ``state.json`` is the commit point, so a run killed at any m
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -305,11 +306,15 @@ def training_key_parts(settings: dict, data: FERData) -> dict:
             "code": training_code()}
 
 
+@functools.cache
 def training_code() -> str:
     """Fingerprint of the functions, classes and constants that training runs (``train`` and
     what it calls: the loop, schedule, batches, model builders, layers), by their source text
     and not by file, so moving a function to another module leaves finished runs current while
-    an edit to one of them marks them stale."""
+    an edit to one of them marks them stale.
+
+    Computed once per process: the code does not change while it runs, and a test that
+    replaces a function later (to slow or interrupt a training) must not change the key."""
     return code_fingerprint(train, exclude_modules=NOT_TRAINING_MODULES)
 
 

@@ -232,7 +232,9 @@ RESUME_SCRIPT = textwrap.dedent("""
         params = json.load(handle)
 
     # Slow every batch down (sleeping costs no CPU) so that the parent can kill this process
-    # in the middle of training, whatever the machine's speed.
+    # in the middle of training, whatever the machine's speed. The training code is
+    # fingerprinted first, as it is, not with the slowing wrapper in it.
+    ferlib.train.training_code()
     make_callbacks = ferlib.train._make_callbacks
 
     class Slow(keras.callbacks.Callback):
