@@ -66,7 +66,7 @@ def keras_child(quick: bool) -> dict:
 
     import bench_train
     from ferlib import NUM_CLASSES
-    from ferlib.train import _compile, build_for_settings
+    from ferlib.train import compile_model, build_for_settings
 
     batches = QUICK_TIMED_BATCHES if quick else TIMED_BATCHES
     repeats = QUICK_REPEATS if quick else REPEATS
@@ -75,7 +75,7 @@ def keras_child(quick: bool) -> dict:
         keras.backend.clear_session()
         model, settings = common.build_quick_model(name, profile=PROFILE)
         bare, _ = bench_train.without_stem(build_for_settings(settings))
-        _compile(bare, settings)
+        compile_model(bare, settings)
         batch = settings["train"]["batch_size"]
         count = batch * batches
         images = common.random_images(count)

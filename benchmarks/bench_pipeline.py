@@ -53,11 +53,11 @@ def measure(name: str, quick: bool) -> dict:
 
     from ferlib import NUM_CLASSES
     from ferlib.models import Augmentation
-    from ferlib.train import _compile, _prepare_backend, build_for_settings
+    from ferlib.train import compile_model, prepare_backend, build_for_settings
 
     keras.backend.clear_session()
     settings = common.quick_settings(name, PROFILE)
-    _prepare_backend(settings)
+    prepare_backend(settings)
     plain_settings = copy.deepcopy(settings)
     plain_settings["augment"] = {key: (False if isinstance(value, bool) else 0.0)
                                  for key, value in settings["augment"].items()}
@@ -65,7 +65,7 @@ def measure(name: str, quick: bool) -> dict:
               "tf_data": build_for_settings(plain_settings),
               "none": build_for_settings(plain_settings)}
     for model in models.values():
-        _compile(model, settings)
+        compile_model(model, settings)
     batch = settings["train"]["batch_size"]
     count = batch * (QUICK_TIMED_BATCHES if quick else TIMED_BATCHES)
     images = common.random_images(count)

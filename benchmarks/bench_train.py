@@ -83,13 +83,13 @@ def measure_model(model_name: str, quick: bool, peak_gflops: float | None) -> di
 
     from ferlib import NUM_CLASSES
     from ferlib.models import count_flops
-    from ferlib.train import _compile, build_for_settings
+    from ferlib.train import compile_model, build_for_settings
 
     keras.backend.clear_session()
     full, settings = common.build_quick_model(model_name)
     # A second, independent copy to strip, so the two fits share no weights or optimizer.
     bare, stem_layers = without_stem(build_for_settings(settings))
-    _compile(bare, settings)
+    compile_model(bare, settings)
 
     batch_size = settings["train"]["batch_size"]
     count = batch_size * (QUICK_TIMED_BATCHES if quick else TIMED_BATCHES)

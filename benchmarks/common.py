@@ -53,15 +53,15 @@ def build_quick_model(model_name: str, precision: str | None = None, profile: st
     """(compiled model, settings) exactly as ``ferlib.train`` builds it for the quick profile
     or another ``profile`` (optionally with another ``train.precision``, e.g.
     ``mixed_bfloat16``, and ``overrides`` on the model's hyperparameters)."""
-    from ferlib.train import _compile, _prepare_backend, build_for_settings
+    from ferlib.train import compile_model, prepare_backend, build_for_settings
 
     settings = quick_settings(model_name, profile)
     settings["model_params"].update(overrides or {})
     if precision:
         settings["train"]["precision"] = precision
-    _prepare_backend(settings)  # seed and precision policy, as in training
+    prepare_backend(settings)  # seed and precision policy, as in training
     model = build_for_settings(settings)
-    _compile(model, settings)
+    compile_model(model, settings)
     return model, settings
 
 

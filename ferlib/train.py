@@ -207,7 +207,7 @@ def resolve_distribution(setting: str) -> dict:
     return {"mode": "data_parallel", "devices": len(chosen), "device_names": chosen}
 
 
-def _prepare_backend(settings: dict) -> dict:
+def prepare_backend(settings: dict) -> dict:
     """Seed, precision, determinism and distribution; returns the resolved distribution."""
     import keras
 
@@ -240,7 +240,9 @@ def build_for_settings(settings: dict):
                        **settings["model_params"])
 
 
-def _compile(model, settings: dict) -> None:
+def compile_model(model, settings: dict) -> None:
+    """Compile ``model`` as training does: the optimizer, loss (logits, label smoothing),
+    accuracy and ``jit_compile`` of ``settings["train"]`` (benchmarks use it too)."""
     import keras
 
     train = settings["train"]
@@ -423,7 +425,7 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "settings.json", settings)
-    distribution = _prepare_backend(settings)
+    distribution = prepare_backend(settings)
     batch_size = train_settings["batch_size"]
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     onehot = keras.utils.to_categorical(y_train, NUM_CLASSES).astype("float32")
@@ -434,7 +436,7 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
         say(f"resuming after epoch {len(state['history'])} ({state['checkpoint']})")
     else:
         model = build_for_settings(settings)
-        _compile(model, settings)
+        compile_model(model, settings)
         state = {"fingerprint": key, "key_parts": key_parts, "finished": False, "history": [],
                  "timing": [], "planned_epochs": train_settings["epochs"], "plateau_scale": 1.0,
                  "best_val_accuracy": -1.0, "best_epoch": None, "best_weights": None,

@@ -169,14 +169,14 @@ COMPILED_STEP_SCRIPT = textwrap.dedent(f"""
     import numpy as np
     from test_train import make_params
     from ferlib.config import model_settings
-    from ferlib.train import _compile, build_for_settings
+    from ferlib.train import compile_model, build_for_settings
 
     warnings.simplefilter("error", UserWarning)  # Keras warns when it falls back to eager
     params = make_params({{}}, augment={{"flip": True, "rotation": 0.05, "translation": 0.1,
                                         "zoom": 0.1}})
     settings = model_settings(params, "alexnet")
     model = build_for_settings(settings)
-    _compile(model, settings)
+    compile_model(model, settings)
     generators = [layer.generator for layer in model._flatten_layers()
                   if hasattr(layer, "generator")]
     rng = np.random.default_rng(0)
