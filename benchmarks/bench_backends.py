@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import common
 
@@ -35,10 +31,8 @@ def installed(backend: str) -> bool:
 def child(quick: bool) -> dict:
     """In a process whose KERAS_BACKEND is already set: images/s per model."""
     import keras
-    import numpy as np
 
     import bench_train
-    from ferlib import NUM_CLASSES
 
     rates = {}
     for name in common.model_names():
@@ -46,9 +40,7 @@ def child(quick: bool) -> dict:
         model, settings = common.build_quick_model(name)
         batch_size = settings["train"]["batch_size"]
         batches = bench_train.QUICK_TIMED_BATCHES if quick else bench_train.TIMED_BATCHES
-        images = common.random_images(batch_size * batches)
-        labels = np.random.default_rng(1).integers(0, NUM_CLASSES, size=len(images))
-        targets = keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
+        images, targets = common.random_training_data(batch_size * batches)
         warmup = batch_size * bench_train.WARMUP_BATCHES
         bench_train.fit_images_per_second(model, images[:warmup], targets[:warmup], batch_size)
         repeats = bench_train.QUICK_REPEATS if quick else bench_train.REPEATS
@@ -85,15 +77,13 @@ def _measure(quick: bool, backends) -> dict:
         if not installed(backend):
             results[backend] = {"status": f"not installed (pip install {backend})"}
             continue
-        command = [sys.executable, __file__, "--child", backend] + (["--quick"] if quick else [])
-        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env,
-                              cwd=common.BENCHMARKS_DIR)
-        if done.returncode:
-            results[backend] = {"status": "failed", "error": done.stderr.strip()[-1500:]}
+        try:
+            measured = common.run_child(__file__, [backend], quick, backend=backend,
+                                        what=f"the {backend} child")
+        except common.ChildFailed as error:  # one backend failing must not lose the others
+            results[backend] = {"status": "failed", "error": error.stderr_tail}
             continue
-        results[backend] = {"status": "measured",
-                            **json.loads(done.stdout.strip().splitlines()[-1])}
+        results[backend] = {"status": "measured", **measured}
     return results
 
 
@@ -142,7 +132,7 @@ if __name__ == "__main__":
                         help="pause a running ferlib training during the benchmark")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.quick)))
+        common.print_for_parent(child(args.quick))
     else:
         common.run_on_its_own(NAME, run, print_section, args.quick, backends=args.backends,
                               pause_training=args.pause_training)

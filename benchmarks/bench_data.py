@@ -1,4 +1,7 @@
-"""Benchmark ``data``: cold load of FER2013 (decode + hash + cache write) and the cached load."""
+"""Benchmark ``data``: cold load of FER2013 (decode + hash + cache write) and the cached load.
+
+Run by ``run_all.py`` (``--only data``); it has no command line of its own.
+"""
 
 from __future__ import annotations
 

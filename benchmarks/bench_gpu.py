@@ -14,7 +14,8 @@ results file is rewritten after each case, so a run cut short keeps what it meas
 
 Usage: ``KERAS_BACKEND=jax python benchmarks/bench_gpu.py [--quick] [--output PATH]
 [--budget-seconds S]``. Without ``--output`` it merges its section into
-``benchmarks/results.json``.
+``benchmarks/results.json``. ``run_all.py`` runs it only where Keras sees a GPU (on a CPU its
+full and paper cases would take hours); ``gpu_check.sh`` runs it on a lent GPU.
 """
 
 from __future__ import annotations
@@ -71,17 +72,14 @@ def measure(profile: str, model_name: str, overrides: dict, precision: str,
     import numpy as np
 
     import bench_train
-    from ferlib import NUM_CLASSES
 
     keras.backend.clear_session()
     model, settings = common.build_quick_model(model_name, precision, profile, overrides)
     batch_size = settings["train"]["batch_size"]
-    rng = np.random.default_rng(1)
+    label_stream = np.random.default_rng(1)  # one stream: each fit below gets its own labels
 
     def data(batches: int):
-        labels = rng.integers(0, NUM_CLASSES, size=batch_size * batches)
-        return (common.random_images(len(labels)),
-                keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32"))
+        return common.random_training_data(batch_size * batches, label_seed=label_stream)
 
     started = time.perf_counter()
     bench_train.fit_images_per_second(model, *data(3), batch_size)  # compiles
@@ -104,8 +102,12 @@ def measure(profile: str, model_name: str, overrides: dict, precision: str,
             "hours_at_cap": round(epoch_seconds * cap / 3600, 3)}
 
 
-def run(quick: bool = False, results_file: Path | None = None,
+def run(quick: bool = False, context: dict | None = None, results_file: Path | None = None,
         budget_seconds: float = float("inf")) -> dict:
+    """Measure the cases in order until ``budget_seconds`` is spent. Run on its own, the
+    section is merged into ``results_file`` after each case; under ``run_all.py`` (a
+    ``context``) only with an explicit ``results_file``, since run_all writes its own output
+    after each benchmark and the default file may not be that output."""
     import keras
 
     device = accelerator()
@@ -132,7 +134,8 @@ def run(quick: bool = False, results_file: Path | None = None,
             case["error"] = f"{type(error).__name__}: {error}"[:500]
         section["rows"].append(case)
         print_row(case)
-        common.merge_section(NAME, dict(section), quick, results_file)
+        if context is None or results_file is not None:
+            common.merge_section(NAME, dict(section), quick, results_file)
     return section
 
 

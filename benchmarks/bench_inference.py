@@ -2,6 +2,8 @@
 
 Models are built as ``ferlib.train`` builds them (untrained weights:
 speed does not depend on them) and fed random uint8 images.
+
+Run by ``run_all.py`` (``--only inference``); it has no command line of its own.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Measured with the Keras backend in use (``keras.ops.matmul``) and with numpy, on square float32
 matrices; the best of several products counts (the peak, not the typical rate).
+
+Run by ``run_all.py`` (``--only matmul_peak``, or with ``train``, which needs the peak); it
+has no command line of its own.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ into ``benchmarks/results.json``.
 from __future__ import annotations
 
 import argparse
-import time
 
+import bench_train
 import common
 
 NAME = "pipeline"
@@ -29,29 +29,12 @@ TIMED_BATCHES, QUICK_TIMED_BATCHES = 12, 3
 REPEATS, QUICK_REPEATS = 3, 1
 
 
-def _rate(model, x, y, batch: int) -> float:
-    """Images/s of one ``fit`` epoch on arrays ``(x, y)`` or on a dataset ``x`` (``y`` None),
-    timed from the end of the first batch to the end of the last."""
-    import keras
-
-    ends = []
-    timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: (
-        float(logs["loss"]), ends.append(time.perf_counter())))
-    if y is None:
-        model.fit(x, epochs=1, verbose=0, callbacks=[timer])
-    else:
-        model.fit(x, y, batch_size=batch, epochs=1, shuffle=True, verbose=0, callbacks=[timer])
-    return batch * (len(ends) - 1) / (ends[-1] - ends[0])
-
-
 def measure(name: str, quick: bool) -> dict:
     import copy
 
     import keras
-    import numpy as np
     import tensorflow as tf
 
-    from ferlib import NUM_CLASSES
     from ferlib.models import Augmentation
     from ferlib.train import compile_model, prepare_backend, build_for_settings
 
@@ -68,9 +51,7 @@ def measure(name: str, quick: bool) -> dict:
         compile_model(model, settings)
     batch = settings["train"]["batch_size"]
     count = batch * (QUICK_TIMED_BATCHES if quick else TIMED_BATCHES)
-    images = common.random_images(count)
-    labels = np.random.default_rng(1).integers(0, NUM_CLASSES, size=count)
-    targets = keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
+    images, targets = common.random_training_data(count)
 
     augmentation = Augmentation(settings["augment"], settings["seed"])
 
@@ -84,11 +65,12 @@ def measure(name: str, quick: bool) -> dict:
     feeds = {"in_graph": (images, targets), "tf_data": (dataset, None), "none": (images, targets)}
     for variant, model in models.items():  # warm-up: builds the train functions
         x, y = feeds[variant]
-        _rate(model, x, y, batch)
+        bench_train.fit_images_per_second(model, x, y, batch)
     rates = {variant: [] for variant in models}
     for _ in range(QUICK_REPEATS if quick else REPEATS):
         for variant, model in models.items():
-            rates[variant].append(_rate(model, *feeds[variant], batch))
+            rates[variant].append(bench_train.fit_images_per_second(model, *feeds[variant],
+                                                                    batch))
     best = {variant: max(values) for variant, values in rates.items()}
     return {"batch_size": batch, "images_per_second": best, "all_images_per_second": rates,
             "tf_data_speedup": best["tf_data"] / best["in_graph"],

@@ -4,6 +4,8 @@ Runs ``python -m ferlib report --profile smoke --force`` as a subprocess with it
 reports roots in a temporary folder, so the project's ``runs/`` and ``reports/`` are never
 touched. The dataset cache is the project's usual one (``.cache/``, or ``FERLIB_CACHE``), as
 in ``make report``. ``quick`` changes nothing: the smoke profile is already the smallest run.
+
+Run by ``run_all.py`` (``--only smoke_report``); it has no command line of its own.
 """
 
 from __future__ import annotations

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 
 import common
 
@@ -27,17 +24,13 @@ IMAGES, QUICK_IMAGES = 1280, 256
 
 def fit_rate(model_name: str, batch_size: int, images: int, repeats: int) -> float:
     import keras
-    import numpy as np
 
     import bench_train
-    from ferlib import NUM_CLASSES
 
     keras.backend.clear_session()
     model, settings = common.build_quick_model(model_name)
     count = max(images, 3 * batch_size)
-    x = common.random_images(count)
-    y = keras.utils.to_categorical(np.random.default_rng(1).integers(0, NUM_CLASSES, count),
-                                   NUM_CLASSES).astype("float32")
+    x, y = common.random_training_data(count)
     bench_train.fit_images_per_second(model, x[:2 * batch_size], y[:2 * batch_size], batch_size)
     return max(bench_train.fit_images_per_second(model, x, y, batch_size)
                for _ in range(repeats))
@@ -55,14 +48,10 @@ def child(quick: bool, threads: tuple[int, int], batch_sizes) -> dict:
 
 
 def _run_child(quick: bool, threads, batch_sizes) -> dict:
-    command = [sys.executable, __file__, "--child", json.dumps([list(threads),
-                                                                list(batch_sizes)])]
-    command += ["--quick"] if quick else []
-    done = subprocess.run(command, capture_output=True, text=True, cwd=common.BENCHMARKS_DIR,
-                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
-    if done.returncode:
-        raise RuntimeError(done.stderr.strip()[-1500:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # TensorFlow fixes its thread pools when it starts: one process per thread setting.
+    return common.run_child(__file__, [json.dumps([list(threads), list(batch_sizes)])], quick,
+                            backend="tensorflow",
+                            what=f"the child with threads (intra, inter) = {tuple(threads)}")
 
 
 def run(quick: bool = False, context: dict | None = None) -> dict:
@@ -102,6 +91,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.child:
         threads, sizes = json.loads(args.child)
-        print(json.dumps(child(args.quick, tuple(threads), sizes)))
+        common.print_for_parent(child(args.quick, tuple(threads), sizes))
     else:
         common.run_on_its_own(NAME, run, print_section, args.quick)

@@ -6,6 +6,10 @@ augmentation, resize, gray to RGB: every layer before the first one with weights
 random float32 RGB images in the same run, so the stem and augmentation overhead is a ratio of
 two figures measured side by side. The training FLOP rate (3 x the forward FLOPs per image x
 images/s) is given as a fraction of the machine's fp32 matmul peak.
+
+Its :func:`fit_images_per_second` (the timing) and :func:`without_stem` are shared with the
+other training benchmarks. Run by ``run_all.py`` (``--only train``, which also runs
+``matmul_peak``); it has no command line of its own.
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ def without_stem(model):
 
 
 def fit_images_per_second(model, images, targets, batch_size: int) -> float:
-    """Images/s of one ``model.fit`` epoch over in-memory arrays, as ``ferlib.train`` fits.
+    """Images/s of one ``model.fit`` epoch over in-memory arrays, as ``ferlib.train`` fits,
+    or over a dataset of ``(images, targets)`` batches of ``batch_size`` passed as ``images``
+    with ``targets=None`` (``bench_pipeline``'s ``tf.data`` feed).
 
     Timed from the end of the first batch to the end of the last, so fit's set-up and the
     input pipeline's start (a fixed cost that a real epoch of 449 batches amortises) do not
@@ -69,8 +75,11 @@ def fit_images_per_second(model, images, targets, batch_size: int) -> float:
             self.batch_ends.append(time.perf_counter())
 
     timer = BatchTimer()
-    model.fit(images, targets, batch_size=batch_size, epochs=1, shuffle=True, verbose=0,
-              callbacks=[timer])
+    if targets is None:  # a dataset batches and shuffles itself (fit would warn otherwise)
+        model.fit(images, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
+    else:
+        model.fit(images, targets, batch_size=batch_size, epochs=1, shuffle=True, verbose=0,
+                  callbacks=[timer])
     ends = timer.batch_ends
     if len(ends) < 2:
         raise ValueError(f"timing needs at least 2 batches, got {len(ends)}")
@@ -79,9 +88,7 @@ def fit_images_per_second(model, images, targets, batch_size: int) -> float:
 
 def measure_model(model_name: str, quick: bool, peak_gflops: float | None) -> dict:
     import keras
-    import numpy as np
 
-    from ferlib import NUM_CLASSES
     from ferlib.models import count_flops
     from ferlib.train import compile_model, build_for_settings
 
@@ -94,9 +101,8 @@ def measure_model(model_name: str, quick: bool, peak_gflops: float | None) -> di
     batch_size = settings["train"]["batch_size"]
     count = batch_size * (QUICK_TIMED_BATCHES if quick else TIMED_BATCHES)
     warmup = batch_size * WARMUP_BATCHES
-    labels = np.random.default_rng(1).integers(0, NUM_CLASSES, size=count)
-    targets = keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
-    inputs = {"full": common.random_images(count), "bare": common.random_images(
+    images, targets = common.random_training_data(count)
+    inputs = {"full": images, "bare": common.random_images(
         count, channels=bare.input_shape[-1], dtype="float32")}
     models = {"full": full, "bare": bare}
 
@@ -134,9 +140,6 @@ def measure_model(model_name: str, quick: bool, peak_gflops: float | None) -> di
 def measure_precision(model_name: str, quick: bool) -> dict:
     """Training images/s of one model in float32 and in mixed_bfloat16, interleaved."""
     import keras
-    import numpy as np
-
-    from ferlib import NUM_CLASSES
 
     models = {}
     for precision in ("float32", "mixed_bfloat16"):
@@ -144,9 +147,7 @@ def measure_precision(model_name: str, quick: bool) -> dict:
     keras.mixed_precision.set_global_policy("float32")
     batch_size = settings["train"]["batch_size"]
     count = batch_size * (QUICK_TIMED_BATCHES if quick else TIMED_BATCHES)
-    images = common.random_images(count)
-    labels = np.random.default_rng(2).integers(0, NUM_CLASSES, size=count)
-    targets = keras.utils.to_categorical(labels, NUM_CLASSES).astype("float32")
+    images, targets = common.random_training_data(count, label_seed=2)
     warmup = batch_size * WARMUP_BATCHES
     rates = {precision: [] for precision in models}
     for precision, model in models.items():

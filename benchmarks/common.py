@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, the quick profile's models, tables, JSON.
+"""The one harness of the benchmark scripts: timing, the quick profile's models, random
+images and labels, child processes that report one JSON line, tables, and the results file.
 
 The scripts in ``benchmarks/`` are run as files (``python benchmarks/run_all.py``), so this
 module is imported by its plain name; it must be imported before Keras (it quiets TensorFlow's
@@ -7,9 +8,12 @@ start-up logging).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,10 +82,89 @@ def random_images(count: int, seed: int = 0, channels: int = 1, dtype: str = "ui
     return rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
 
 
+def random_labels(count: int, seed=1, one_hot: bool = True):
+    """Random class labels for timing fits (their values do not change the speed).
+
+    Parameters
+    ----------
+    count : int
+        Number of labels.
+    seed : int or numpy.random.Generator
+        A seed, or a generator to draw successive sets from one stream.
+    one_hot : bool
+        float32 one-hot targets ``(count, NUM_CLASSES)``, as ``model.fit`` takes them in
+        ``ferlib.train``; otherwise int64 class indices ``(count,)`` (PyTorch's losses).
+    """
+    import numpy as np
+
+    from ferlib import NUM_CLASSES
+
+    # default_rng returns a Generator it is given unaltered, so a stream keeps advancing.
+    labels = np.random.default_rng(seed).integers(0, NUM_CLASSES, size=count)
+    return np.eye(NUM_CLASSES, dtype="float32")[labels] if one_hot else labels
+
+
+def random_training_data(count: int, label_seed=1, channels: int = 1, dtype: str = "uint8"):
+    """``(images, targets)`` to time training on: :func:`random_images` (seed 0) and one-hot
+    :func:`random_labels` (``label_seed``), the data every training benchmark fits."""
+    return (random_images(count, channels=channels, dtype=dtype),
+            random_labels(count, label_seed))
+
+
 def model_names() -> tuple[str, ...]:
     from ferlib import MODEL_NAMES
 
     return MODEL_NAMES
+
+
+# ----------------------------------------------------------------------------- child processes
+# Some settings are fixed when a library starts (Keras' backend, TensorFlow's thread pools), so a
+# benchmark that compares them runs itself once per setting in a fresh interpreter
+# (``script --child ARG... [--quick]``). The child prints its result as the last line of its
+# standard output (:func:`print_for_parent`); what the libraries log before it is ignored.
+
+CHILD_ERROR_CHARACTERS = 2000  # the end of a failed child's stderr: its traceback
+
+
+class ChildFailed(RuntimeError):
+    """A benchmark's child process failed; ``stderr_tail`` holds the end of its stderr."""
+
+    def __init__(self, what: str, problem: str, stderr_tail: str):
+        super().__init__(f"{what} {problem}:\n{stderr_tail}")
+        self.stderr_tail = stderr_tail
+
+
+def run_child(script, arguments=(), quick: bool = False, backend: str = "tensorflow",
+              what: str = "child process") -> dict:
+    """Run ``script --child ARGUMENTS [--quick]`` under Keras backend ``backend`` and return
+    the JSON object on the last line of its standard output.
+
+    Raises
+    ------
+    ChildFailed
+        When the child exits with an error or prints no JSON line; ``what`` names it.
+    """
+    command = [sys.executable, str(script), "--child", *arguments] + (["--quick"] if quick
+                                                                      else [])
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # cwd: the child imports its helpers (common, bench_train) by their plain names.
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=BENCHMARKS_DIR)
+    tail = done.stderr.strip()[-CHILD_ERROR_CHARACTERS:]
+    if done.returncode:
+        raise ChildFailed(what, f"failed (exit {done.returncode})", tail)
+    lines = done.stdout.strip().splitlines()
+    if not lines:
+        raise ChildFailed(what, "printed nothing on its standard output", tail)
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise ChildFailed(what, f"did not end its output with a JSON line (last line: "
+                                f"{lines[-1][:200]!r})", tail) from None
+
+
+def print_for_parent(result: dict) -> None:
+    """The child's side of :func:`run_child`: ``result`` as the last line of standard output."""
+    print(json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------- output

