@@ -52,8 +52,8 @@ status: ## epochs done, best PublicTest accuracy and time left per model of PROF
 test: setup ## run the test suite (includes the slow smoke-pipeline test)
 	$(BIN)/python -m pytest
 
-test-fast: setup ## run the tests except the slow pipeline test
-	$(BIN)/python -m pytest -m "not slow"
+test-fast: setup ## the quick inner loop: no training, no pipeline, no JAX subprocess (the full suite is make test)
+	$(BIN)/python -m pytest -m "not slow and not train and not jax"
 
 lab: setup ## open JupyterLab on notebooks/
 	$(BIN)/jupyter lab notebooks/

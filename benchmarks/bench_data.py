@@ -20,7 +20,7 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
 
     ``quick`` changes nothing: one cold and one cached load is already the smallest check.
     """
-    from ferlib.config import resolve_data_path
+    from ferlib.data import resolve_data_path
     from ferlib.data import load_fer2013
 
     path = resolve_data_path()

@@ -51,7 +51,7 @@ def build_saved_model(model_name: str, folder: Path) -> Path:
 def _keras_runner(path: Path):
     import keras
 
-    from ferlib.apply import load_model
+    from ferlib.inference import load_model
     from ferlib.export import exportable_model
 
     model = exportable_model(load_model(path))

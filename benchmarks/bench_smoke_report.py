@@ -23,7 +23,7 @@ OUTPUT_TAIL_CHARACTERS = 3000
 
 
 def run(quick: bool = False, context: dict | None = None) -> dict:
-    from ferlib.config import PROJECT_ROOT
+    from ferlib import PROJECT_ROOT
 
     with tempfile.TemporaryDirectory(prefix="ferlib-bench-report-") as root:
         command = [sys.executable, "-m", "ferlib", "report", "--profile", PROFILE, "--force",

@@ -112,9 +112,10 @@ def random_training_data(count: int, label_seed=1, channels: int = 1, dtype: str
 
 
 def model_names() -> tuple[str, ...]:
-    from ferlib import MODEL_NAMES
+    """The paper's three models: the figures in benchmarks/results.json are theirs."""
+    from ferlib import PAPER_MODELS
 
-    return MODEL_NAMES
+    return PAPER_MODELS
 
 
 # ----------------------------------------------------------------------------- child processes

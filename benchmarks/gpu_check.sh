@@ -45,10 +45,11 @@ run="$work/run"
   $python - "$run" "$work/ensemble" <<'PY'
 import json, sys
 from pathlib import Path
+from ferlib.artifacts import METRICS, Run
 for name in ("alexnet", "resnet50v2", "vit"):
-    metrics = json.loads((Path(sys.argv[1]) / "models" / name / "metrics.json").read_text())
+    metrics = json.loads(Run(sys.argv[1]).model(name).metrics.read_text())
     print(name, metrics["machine"], "test accuracy", metrics["test"]["accuracy"])
-ensemble = json.loads((Path(sys.argv[2]) / "metrics.json").read_text())
+ensemble = json.loads((Path(sys.argv[2]) / METRICS).read_text())
 print("ensemble accuracy", ensemble["confidence_intervals"]["accuracy"])
 PY
 } 2>&1 | tee "$out/cli.log"

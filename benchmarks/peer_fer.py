@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                         help=f"default: {PEER_FILE}")
     args = parser.parse_args(argv)
 
-    from ferlib.config import resolve_data_path
+    from ferlib.data import resolve_data_path
     from ferlib.data import load_fer2013
 
     weights = fetch_weights()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def _data_summary(args) -> int:
     from ferlib import data as fer_data
-    from ferlib.config import resolve_data_path
+    from ferlib.data import resolve_data_path
 
     # An explicit --data wins over FER2013_PATH; without it, the usual lookup applies.
     path = Path(args.data) if args.data else resolve_data_path()
@@ -57,7 +57,7 @@ def _train(args) -> int:
 def _status(args) -> int:
     from ferlib.config import load_params, parse_overrides
     from ferlib.runs import run_dir
-    from ferlib.runs import progress_table
+    from ferlib.artifacts import progress_table
 
     params = load_params(args.profile, parse_overrides(args.set))
     directory = Path(args.run_dir or run_dir(params["profile"]))

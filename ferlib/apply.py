@@ -32,109 +32,18 @@ from pathlib import Path
 import numpy as np
 
 from ferlib import EMOTIONS, NUM_CLASSES
+from ferlib.faces import FACE_MARGIN, crop_face, detect_faces, draw_faces, face_detector
+from ferlib.inference import Predictor, model_files
 
 CONFIDENCE = 0.95
-FACE_MARGIN = 0.1
 """Fraction of the detected box added on each side: FER2013 crops show a little forehead and
 chin beyond what the Haar cascade's box covers."""
-DETECTION_MAX_SIDE = 1024
 """Large photos are shrunk to this many pixels (longest side) for detection only; the crops
 are taken from the full-resolution image."""
 SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro")
 
 
 # ----------------------------------------------------------------------------- shared
-
-def load_model(model_path):
-    """Load a ``.keras`` model that maps uint8 48x48 images to 7 logits (``ferlib.train``'s).
-
-    Parameters
-    ----------
-    model_path : str or Path
-
-    Returns
-    -------
-    keras.Model
-    """
-    model_path = _model_file(model_path)
-    import keras
-
-    import ferlib.models  # noqa: F401  (registers the custom layers before loading)
-
-    try:
-        model = keras.models.load_model(model_path, compile=False)
-    except Exception as error:  # Keras raises many types for a foreign or damaged file
-        raise ValueError(f"{model_path}: cannot load as a Keras model "
-                         f"({type(error).__name__}: {error})") from error
-    num_outputs = model.output_shape[-1]
-    if num_outputs != NUM_CLASSES:
-        raise ValueError(f"{model_path}: the model has {num_outputs} outputs; expected "
-                         f"{NUM_CLASSES}, one per emotion ({', '.join(EMOTIONS)})")
-    return model
-
-
-def _model_file(model_path) -> Path:
-    """The model's path; checked before any slow work so a typo fails at once."""
-    model_path = Path(model_path).expanduser()
-    if not model_path.is_file():
-        raise FileNotFoundError(f"{model_path}: no such model file (expected a .keras file, "
-                                f"e.g. runs/<profile>/models/<name>/best.keras)")
-    return model_path
-
-
-def _probabilities(model, images, tta=False, temperature=None):
-    from ferlib.metrics import apply_temperature, tta_probabilities
-    from ferlib.train import predict_proba
-
-    def probabilities(batch):
-        proba = predict_proba(model, batch)
-        return proba if temperature is None else apply_temperature(proba, temperature)
-
-    if tta:  # each view calibrated, then averaged
-        return tta_probabilities(probabilities, images)
-    return probabilities(images)
-
-
-def _model_files(model_paths) -> list[Path]:
-    """One model path or several (an ensemble), each checked before any slow work."""
-    if isinstance(model_paths, (str, Path)):
-        model_paths = [model_paths]
-    if not model_paths:
-        raise ValueError("no model given: pass --model FILE (repeat it for an ensemble)")
-    return [_model_file(path) for path in model_paths]
-
-
-class Predictor:
-    """One model, or an ensemble of several: the mean of the members' probabilities, each
-    scaled by its own stored temperature (when calibration is on and it has one)."""
-
-    def __init__(self, model_paths, calibration=True):
-        self.paths = _model_files(model_paths)
-        self.temperatures = [_temperature(path, calibration) for path in self.paths]
-        self.models = [load_model(path) for path in self.paths]
-
-    @property
-    def description(self):
-        """The model's path, or the list of the ensemble's paths (for result records)."""
-        names = [str(path) for path in self.paths]
-        return names[0] if len(names) == 1 else names
-
-    @property
-    def temperature(self):
-        """The temperature (None: uncalibrated), or one per member for an ensemble."""
-        return self.temperatures[0] if len(self.paths) == 1 else self.temperatures
-
-    def probabilities(self, images, tta=False) -> np.ndarray:
-        return np.mean([_probabilities(model, images, tta, temperature) for model, temperature
-                        in zip(self.models, self.temperatures)], axis=0)
-
-
-def _temperature(model_path, calibration):
-    """The stored temperature when ``calibration`` is on and one exists, else None."""
-    from ferlib.calibration import load_temperature
-
-    return load_temperature(model_path) if calibration else None
-
 
 def _number(value):
     """A JSON-safe float: NaN (an undefined AUC, say) becomes None."""
@@ -218,7 +127,7 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
     from ferlib.data import SPLITS, load_fer2013
 
     _check_class_map(class_map)
-    _model_files(model_path)
+    model_files(model_path)
     data = load_fer2013(data_path, class_map=class_map, on_error="skip", cache=False)
     predictor = Predictor(model_path, calibration)
     temperature = predictor.temperature
@@ -293,8 +202,10 @@ def _write_evaluation(result, counts, out):
             f"{Path(result['data']).name}{masked}"
     figure_path = save_figure(confusion_matrix_plot(counts, result["classes"], title),
                               out / "confusion_matrix.png")
-    files = {"metrics": str(out / "metrics.json"), "confusion_matrix": str(figure_path)}
-    write_json(out / "metrics.json", {**result, "files": files})
+    from ferlib.artifacts import METRICS
+
+    files = {"metrics": str(out / METRICS), "confusion_matrix": str(figure_path)}
+    write_json(out / METRICS, {**result, "files": files})
     return files
 
 
@@ -349,62 +260,6 @@ def format_evaluation(result) -> str:
 
 
 # ----------------------------------------------------------------------------- predict
-
-def face_detector():
-    """OpenCV's frontal-face Haar cascade, as shipped in opencv-python-headless 4.x."""
-    hint = 'install it with: pip install "opencv-python-headless<5"'
-    try:
-        import cv2
-    except ImportError as error:
-        raise FileNotFoundError(f"face detection needs OpenCV; {hint} (or pass --no-detect "
-                                f"for images that are already face crops)") from error
-    folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
-    cascade_path = Path(folder or "") / "haarcascade_frontalface_default.xml"
-    if folder is None or not cascade_path.is_file():
-        raise FileNotFoundError(f"OpenCV's face cascade {cascade_path.name} was not found "
-                                f"(this OpenCV build does not ship cv2.data); {hint}")
-    detector = cv2.CascadeClassifier(str(cascade_path))
-    if detector.empty():
-        raise ValueError(f"{cascade_path}: OpenCV could not load the face cascade; {hint}")
-    return detector
-
-
-def detect_faces(detector, gray) -> list[tuple[int, int, int, int]]:
-    """Face boxes ``(x, y, width, height)`` in a uint8 gray image, left to right.
-
-    Parameters
-    ----------
-    detector : cv2.CascadeClassifier
-    gray : ndarray, uint8, shape (H, W)
-
-    Returns
-    -------
-    list of tuple of int
-    """
-    import cv2
-
-    scale = min(1.0, DETECTION_MAX_SIDE / max(gray.shape))
-    small = gray if scale == 1.0 else cv2.resize(gray, None, fx=scale, fy=scale,
-                                                 interpolation=cv2.INTER_AREA)
-    boxes = detector.detectMultiScale(cv2.equalizeHist(small), scaleFactor=1.1,
-                                      minNeighbors=5, minSize=(24, 24))
-    return sorted(tuple(int(round(v / scale)) for v in box) for box in boxes)
-
-
-def crop_face(gray, box, margin=FACE_MARGIN) -> np.ndarray:
-    """The box plus ``margin`` on each side (clipped to the image), as uint8 48x48 gray."""
-    from PIL import Image
-
-    from ferlib.data import IMAGE_SIZE
-
-    x, y, width, height = box
-    pad_x, pad_y = int(width * margin), int(height * margin)
-    top, bottom = max(0, y - pad_y), min(gray.shape[0], y + height + pad_y)
-    left, right = max(0, x - pad_x), min(gray.shape[1], x + width + pad_x)
-    face = Image.fromarray(gray[top:bottom, left:right])
-    # The same resampling as ferlib.data uses for datasets, so crops look like training images.
-    return np.asarray(face.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.uint8)
-
 
 def image_files(paths) -> list[Path]:
     """Each path that is a file, and every image file below each folder (sorted, recursive)."""
@@ -470,7 +325,7 @@ def predict(paths, model_path, *, detect=True, top=3, annotate=None, calibration
     """
     if not 1 <= top <= NUM_CLASSES:
         raise ValueError(f"top must be between 1 and {NUM_CLASSES}; got {top}")
-    _model_files(model_path)
+    model_files(model_path)
     if explain is not None:
         from ferlib.explain import METHODS
 
@@ -585,47 +440,6 @@ def _unique_name(stem, used_names):
         name, number = f"{stem}-{number}.png", number + 1
     used_names.add(name)
     return name
-
-
-def draw_faces(image, faces, path) -> Path:
-    """Save a copy of ``image`` with each face's box and most likely emotion drawn on it.
-
-    Parameters
-    ----------
-    image : PIL.Image.Image
-    faces : list of dict
-        As in :func:`predict`'s results.
-    path : str or Path
-        Destination (PNG).
-
-    Returns
-    -------
-    pathlib.Path
-    """
-    from PIL import ImageDraw, ImageFont
-
-    canvas = image.convert("RGB")
-    draw = ImageDraw.Draw(canvas)
-    line_width = max(1, round(min(canvas.size) / 250))
-    font_size = max(10, round(min(canvas.size) / 30))
-    try:
-        font = ImageFont.load_default(size=font_size)
-    except TypeError:  # Pillow < 10.1 has only the small bitmap font
-        font = ImageFont.load_default()
-    for face in faces:
-        x, y, width, height = face["box"]
-        best = face["emotions"][0]
-        draw.rectangle((x, y, x + width - 1, y + height - 1), outline=(255, 64, 64),
-                       width=line_width)
-        label = f"{best['emotion']} {best['probability']:.0%}"
-        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        text_y = y - (bottom - top) - 2 * line_width if y > bottom - top + 2 * line_width \
-            else y + line_width
-        draw.rectangle((x, text_y, x + right - left + 4, text_y + bottom + 2), fill=(255, 64, 64))
-        draw.text((x + 2, text_y), label, fill=(255, 255, 255), font=font)
-    path = Path(path)
-    canvas.save(path, format="PNG")
-    return path
 
 
 def format_prediction(result) -> str:

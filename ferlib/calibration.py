@@ -10,16 +10,15 @@ metrics themselves are pure functions in :mod:`ferlib.metrics`.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from ferlib import metrics
+from ferlib.artifacts import ModelRun
+from ferlib.data import file_sha256
 from ferlib.runs import read_json, write_json
 
-CALIBRATION_FILE = "calibration.json"
-PREDICTIONS_FILE = "predictions.npz"
 BINS = 15
 
 
@@ -64,10 +63,6 @@ def calibration_report(val_labels, val_proba, test_labels=None, test_proba=None,
             "before": before, "after": after}
 
 
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def calibrate_model_dir(model_dir, *, bins=BINS, n_boot=1000, seed=0, force=False) -> dict:
     """Temperature-scale one trained model folder and write ``calibration.json`` into it.
 
@@ -89,13 +84,14 @@ def calibrate_model_dir(model_dir, *, bins=BINS, n_boot=1000, seed=0, force=Fals
         ``predictions.npz`` it was computed from; a retrained model is recalibrated).
     """
     model_dir = Path(model_dir)
-    predictions_path = model_dir / PREDICTIONS_FILE
+    files = ModelRun(model_dir)
+    predictions_path = files.predictions
     if not predictions_path.is_file():
         raise FileNotFoundError(f"{predictions_path}: no saved predictions; train the model "
                                 f"first (python -m ferlib train) or pass a folder written by "
                                 f"ferlib.train")
-    predictions_hash = _file_hash(predictions_path)
-    existing = read_json(model_dir / CALIBRATION_FILE)
+    predictions_hash = file_sha256(predictions_path)[:16]
+    existing = read_json(files.calibration)
     if (not force and existing and existing.get("predictions_hash") == predictions_hash
             and (existing.get("bins"), existing.get("bootstrap_resamples"),
                  existing.get("seed")) == (bins, n_boot, seed)):
@@ -111,7 +107,7 @@ def calibrate_model_dir(model_dir, *, bins=BINS, n_boot=1000, seed=0, force=Fals
                                 arrays.get("test_labels"), arrays.get("test_proba"),
                                 bins=bins, n_boot=n_boot, seed=seed)
     report["predictions_hash"] = predictions_hash
-    write_json(model_dir / CALIBRATION_FILE, report)
+    write_json(files.calibration, report)
     return report
 
 
@@ -130,7 +126,7 @@ def load_temperature(model_path) -> float | None:
     """
     model_path = Path(model_path)
     folder = model_path if model_path.is_dir() else model_path.parent
-    path = folder / CALIBRATION_FILE
+    path = ModelRun(folder).calibration
     if not path.is_file():
         return None
     try:

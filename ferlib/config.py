@@ -15,9 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from ferlib import MODEL_NAMES, PAPER_MODELS
+from ferlib import MODEL_NAMES, PAPER_MODELS, PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = PROJECT_ROOT / "params"
 NUMBER = (int, float)
 
@@ -276,7 +275,7 @@ def _check_vit_shapes(params: dict, name: str, search: dict) -> None:
         if model["input_size"] % patch or patch % 2 ** model.get("stem_layers", 0):
             raise ValueError(f"search.space: model.patch_size {patch} of {name} must divide "
                              f"input_size {model['input_size']}"
-                             + (f" and be a multiple of 2**stem_layers" if "stem_layers" in model
+                             + (" and be a multiple of 2**stem_layers" if "stem_layers" in model
                                 else ""))
     for width in values("hidden_dim"):
         for heads in values("num_heads"):
@@ -363,6 +362,8 @@ def load_params(profile: str = "smoke", overrides: dict | None = None) -> dict:
     with open(profile_path(profile)) as handle:
         raw = load_yaml(handle) or {}
     raw.setdefault("profile", Path(profile).stem)
+    from ferlib.data import resolve_data_path
+
     params = validate(deep_merge(raw, overrides or {}))
     params["data"]["path"] = str(resolve_data_path(params["data"]["path"], must_exist=False))
     return params
@@ -381,37 +382,6 @@ def parse_overrides(items: list[str]) -> dict:
             node = node.setdefault(part, {})
         node[parts[-1]] = load_yaml(value)
     return result
-
-
-DEFAULT_DATA_LOCATIONS = ("data/fer2013.zip", "data/fer2013.csv", "data/fer2013.csv.gz",
-                          "data/fer2013")
-
-
-def resolve_data_path(path: str | None = None, must_exist: bool = True) -> Path:
-    """Where FER2013 is: ``$FER2013_PATH``, else ``path``, else the usual places under data/."""
-    candidates = []
-    if os.environ.get("FER2013_PATH"):
-        candidates.append(Path(os.environ["FER2013_PATH"]).expanduser())
-    elif path:
-        candidates.append(Path(path).expanduser())
-    else:
-        candidates.extend(PROJECT_ROOT / location for location in DEFAULT_DATA_LOCATIONS)
-    candidates = [c if c.is_absolute() else PROJECT_ROOT / c for c in candidates]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    if not must_exist:
-        return candidates[0]
-    from ferlib.data import DatasetNotFoundError
-
-    looked = "\n  ".join(str(c) for c in candidates)
-    raise DatasetNotFoundError(
-        f"FER2013 not found. Looked in:\n  {looked}\n"
-        "Get it from Kaggle, either distribution works:\n"
-        "  - the original challenge file fer2013.csv (columns emotion,pixels,Usage), or\n"
-        "  - the 'FER-2013' images archive (train/<class>/, test/<class>/ as a .zip or folder).\n"
-        "Then set FER2013_PATH=/path/to/fer2013.zip (or .csv, or the folder), or put it at "
-        "data/fer2013.zip (a symlink is fine; data/ is git-ignored).")
 
 
 def keras_backend() -> str:

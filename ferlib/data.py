@@ -25,9 +25,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from ferlib import EMOTIONS
+from ferlib import EMOTIONS, IMAGE_SIZE, PROJECT_ROOT
 
-IMAGE_SIZE = 48
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
 CSV_HEADER = ("emotion", "pixels", "Usage")
@@ -56,6 +55,35 @@ class DatasetNotFoundError(FileNotFoundError):
     """No FER2013 source where we looked."""
 
 
+DEFAULT_DATA_LOCATIONS = ("data/fer2013.zip", "data/fer2013.csv", "data/fer2013.csv.gz",
+                          "data/fer2013")
+
+
+def resolve_data_path(path: str | None = None, must_exist: bool = True) -> Path:
+    """Where FER2013 is: ``$FER2013_PATH``, else ``path``, else the usual places under data/."""
+    candidates = []
+    if os.environ.get("FER2013_PATH"):
+        candidates.append(Path(os.environ["FER2013_PATH"]).expanduser())
+    elif path:
+        candidates.append(Path(path).expanduser())
+    else:
+        candidates.extend(PROJECT_ROOT / location for location in DEFAULT_DATA_LOCATIONS)
+    candidates = [c if c.is_absolute() else PROJECT_ROOT / c for c in candidates]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    if not must_exist:
+        return candidates[0]
+    looked = "\n  ".join(str(c) for c in candidates)
+    raise DatasetNotFoundError(
+        f"FER2013 not found. Looked in:\n  {looked}\n"
+        "Get it from Kaggle, either distribution works:\n"
+        "  - the original challenge file fer2013.csv (columns emotion,pixels,Usage), or\n"
+        "  - the 'FER-2013' images archive (train/<class>/, test/<class>/ as a .zip or folder).\n"
+        "Then set FER2013_PATH=/path/to/fer2013.zip (or .csv, or the folder), or put it at "
+        "data/fer2013.zip (a symlink is fine; data/ is git-ignored).")
+
+
 @dataclasses.dataclass
 class FERData:
     """Decoded FER-style dataset held in memory.
@@ -80,7 +108,6 @@ class FERData:
     converted: int = 0
     source: str = ""
     source_hash: str = ""
-    EMOTIONS = EMOTIONS
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -131,16 +158,17 @@ def _decode_image(raw: bytes) -> tuple[np.ndarray, bool]:
         return np.asarray(image, dtype=np.uint8), converted
 
 
-def _update_from_file(digest, path: Path, chunk_size: int = 1 << 22) -> None:
+def update_digest_from_file(digest, path: Path, chunk_size: int = 1 << 22) -> None:
+    """Feed a file's bytes to a hashlib digest in chunks (large files never sit in memory)."""
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
-    """sha256 of a file's bytes."""
+    """sha256 of a file's bytes (64 hex digits): the one file hash of ferlib."""
     digest = hashlib.sha256()
-    _update_from_file(digest, path, chunk_size)
+    update_digest_from_file(digest, path, chunk_size)
     return digest.hexdigest()
 
 
@@ -159,7 +187,7 @@ def source_hash(path: Path) -> str:
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         # The name and size frame the bytes, so no two different folders hash alike.
         digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
-        _update_from_file(digest, file)
+        update_digest_from_file(digest, file)
     return digest.hexdigest()
 
 
@@ -376,7 +404,7 @@ def detect_format(path: Path) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FERLIB_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+    return Path(os.environ.get("FERLIB_CACHE", PROJECT_ROOT / ".cache"))
 
 
 def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None,
@@ -495,11 +523,6 @@ def reader_version() -> str:
 
 
 # ----------------------------------------------------------------------------- splits
-
-def official_splits(data: FERData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The protocol: train = Training, val = PublicTest (selection), test = PrivateTest."""
-    return {split: data.subset(split) for split in SPLITS}
-
 
 def subsample(data: FERData, per_split: dict[str, int], seed: int = 0) -> FERData:
     """A seeded, stratified subset with at most ``per_split[split]`` images per split."""
@@ -682,8 +705,6 @@ def pixel_statistics(data: FERData) -> pd.DataFrame:
 def load_dataset(params: dict, progress: bool = False, splits=SPLITS) -> FERData:
     """The dataset a profile asks for: its source (``FER2013_PATH`` wins), options and limits;
     ``splits`` as in :func:`load_fer2013`."""
-    from ferlib.config import resolve_data_path
-
     settings = params["data"]
     path = resolve_data_path(os.environ.get("FER2013_PATH") or settings["path"])
     if progress:

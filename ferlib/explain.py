@@ -33,9 +33,8 @@ import weakref
 import numpy as np
 import pandas as pd
 
-from ferlib import EMOTIONS, NUM_CLASSES
+from ferlib import EMOTIONS, IMAGE_SIZE, NUM_CLASSES
 
-IMAGE_SIZE = 48
 METHODS = ("auto", "grad_cam", "occlusion")
 """``saliency`` methods; ``auto`` is Grad-CAM (on the token grid for the ViT)."""
 
@@ -57,7 +56,7 @@ REGION_LABELS = {"eyes": "the eyes and brows", "mouth": "the mouth", "elsewhere"
 _CONV_TYPES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose")
 _AFTER_CONV_TYPES = ("BatchNormalization", "ReLU", "Activation", "LeakyReLU", "ELU", "PReLU",
                      "LayerNormalization", "GroupNormalization")
-_SPLITS = weakref.WeakKeyDictionary()   # model -> {layer: _Split, ("predictor",): twin}
+_SPLITS = weakref.WeakKeyDictionary()   # model -> {layer: _Split}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -417,29 +416,11 @@ def _starts(size: int, patch: int, stride: int) -> list[int]:
     return starts
 
 
-def _predictor(model):
-    """A twin of ``model`` sharing its layers, with a predict function of its own.
-
-    TensorFlow relaxes a traced predict function to unknown rank when one model is fed
-    (N, 48, 48) and then (N, 48, 48, 1) batches, which Keras cannot run; the training code
-    predicts with the former and this module with the latter, so it uses the twin.
-    """
-    cache = _SPLITS.setdefault(model, {})
-    if ("predictor",) not in cache:
-        keras = _keras()
-        cache[("predictor",)] = keras.Model(_model_input(model), _model_output(model))
-    return cache[("predictor",)]
-
-
 def _probabilities(model, images, batch_size):
     """Softmax of the logits; every batch padded to ``batch_size`` (one trace per model)."""
-    from ferlib.metrics import softmax
+    from ferlib.inference import predict_proba
 
-    missing = -len(images) % batch_size
-    if missing:
-        images = np.concatenate([images, np.zeros((missing, *images.shape[1:]), images.dtype)])
-    logits = _predictor(model).predict(images, batch_size=batch_size, verbose=0)
-    return softmax(np.asarray(logits, dtype=np.float64))[:len(images) - missing]
+    return predict_proba(model, images, batch_size=batch_size, pad_batches=True, isolated=True)
 
 
 def occlusion(model, images, class_index=None, patch=8, stride=4, fill=128,

@@ -11,7 +11,7 @@
     Keras. The check fails when any probability differs by more than :data:`MAX_ABS_DIFF` or
     the most likely emotion differs for any image.
 
-Every artifact maps uint8 ``(batch, 48, 48, 1)`` gray face crops, as ``ferlib.apply.crop_face``
+Every artifact maps uint8 ``(batch, 48, 48, 1)`` gray face crops, as ``ferlib.faces.crop_face``
 makes them, to float32 ``(batch, 7)`` probabilities in the order of ``ferlib.EMOTIONS``.
 
 The runtimes are optional: ``pip install -e .[export]`` installs ONNX export (tf2onnx, onnx),
@@ -21,7 +21,6 @@ ONNX Runtime and the LiteRT interpreter (ai-edge-litert; without it TensorFlow's
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferlib import EMOTIONS, NUM_CLASSES
+from ferlib import EMOTIONS, IMAGE_SIZE, NUM_CLASSES
 
 FORMATS = {"onnx": ("onnx", "model.onnx"), "litert": ("litert", "model.tflite"),
            "saved_model": ("tf_saved_model", "saved_model")}
@@ -43,15 +42,10 @@ PARITY_IMAGES = 256
 MAX_ABS_DIFF = 1e-4
 """Largest allowed difference of any probability between the artifact and Keras."""
 INSTALL_HINT = 'pip install -e ".[export]"'
-IMAGE_SIZE = 48
 
 
 class MissingDependencyError(ImportError):
     """An optional package of the ``export`` extra is not installed (message names the extra)."""
-
-
-class ParityError(RuntimeError):
-    """The exported artifact's probabilities differ from the Keras model's."""
 
 
 def require(module: str, package: str | None = None, purpose: str = "this export"):
@@ -107,14 +101,6 @@ def input_spec():
     return keras.InputSpec(dtype="uint8", shape=(None, IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_provenance(model_path) -> dict:
     """Where a trained model came from, read from the files of its run (never an error).
 
@@ -133,6 +119,7 @@ def source_provenance(model_path) -> dict:
         ``dataset``, ``dataset_sha256``, ``git_commit``, ``git_dirty`` (of the run's last
         report), ``trained_epochs``; each None when the files do not say.
     """
+    from ferlib.data import file_sha256
     from ferlib.runs import read_json
 
     def read(path):
@@ -141,23 +128,26 @@ def source_provenance(model_path) -> dict:
         except (OSError, ValueError):
             return {}
 
+    from ferlib.artifacts import ModelRun, Run
+
     model_path = Path(model_path)
-    folder = model_path.parent
-    settings = read(folder / "settings.json")
-    state = read(folder / "state.json")
-    run = next((parent.parent for parent in model_path.parents if parent.name == "models"), None)
-    manifest = read(run / "manifest.json") if run else {}
+    files = ModelRun(model_path.parent)
+    settings = read(files.settings)
+    state = read(files.state)
+    run = next((Run(parent.parent) for parent in model_path.parents
+                if parent.name == "models"), None)
+    manifest = read(run.manifest) if run else {}
     profile = manifest.get("profile")
-    if profile is None and run is not None and (run / "params.yaml").is_file():
+    if profile is None and run is not None and run.params.is_file():
         import yaml
 
         try:
-            profile = (yaml.safe_load((run / "params.yaml").read_text()) or {}).get("profile")
+            profile = (yaml.safe_load(run.params.read_text()) or {}).get("profile")
         except (OSError, yaml.YAMLError):
             profile = None
     origin = manifest.get("provenance") or {}
     data = manifest.get("data") or {}
-    return {"file": model_path.name, "sha256": _file_sha256(model_path),
+    return {"file": model_path.name, "sha256": file_sha256(model_path),
             "model": settings.get("model"), "profile": profile,
             "dataset": origin.get("dataset"),
             "dataset_sha256": data.get("sha256") or origin.get("dataset_sha256"),
@@ -222,7 +212,7 @@ def parity_images(data=None, count: int = PARITY_IMAGES, synthetic: bool = False
         uint8 ``(n, 48, 48, 1)`` images and a description such as ``"256 PrivateTest images of
         fer2013.zip"``.
     """
-    from ferlib.config import resolve_data_path
+    from ferlib.data import resolve_data_path
 
     if not synthetic:
         if data is None:
@@ -458,7 +448,7 @@ def export_model(model_path, out, fmt: str = "onnx", *, calibration: bool = True
         seconds the artifact took). The artifacts are kept when parity fails: the caller
         decides (the command exits with 1).
     """
-    from ferlib.apply import _model_file, _temperature, load_model
+    from ferlib.inference import load_model, model_file, stored_temperature
     from ferlib.runs import git_commit, write_json
 
     if fmt not in FORMATS:
@@ -473,14 +463,14 @@ def export_model(model_path, out, fmt: str = "onnx", *, calibration: bool = True
                          f"exporters used here go through TensorFlow); this process runs on "
                          f"{keras.backend.backend()}: run it with KERAS_BACKEND=tensorflow (a model "
                          f"trained under another backend loads there too)")
-    model_path = _model_file(model_path)
+    model_path = model_file(model_path)
     if data is not None and not Path(data).expanduser().exists():
         raise FileNotFoundError(f"--data: {data}: no such file or folder")
     _check_dependencies(fmt)
     keras_format, artifact_name = FORMATS[fmt]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    temperature = _temperature(model_path, calibration)
+    temperature = stored_temperature(model_path, calibration)
     model = exportable_model(load_model(model_path), temperature)
 
     target = out / artifact_name
@@ -534,7 +524,7 @@ def export_model(model_path, out, fmt: str = "onnx", *, calibration: bool = True
                   "dtype": "uint8",
                   "meaning": "gray face crops, 48x48, pixel values 0-255, as in FER2013 (crop "
                              "the face box plus 10% margin and resize bilinearly, as "
-                             "ferlib.apply.crop_face does)"},
+                             "ferlib.faces.crop_face does)"},
         "output": {"name": details.pop("output_name"), "shape": [None, NUM_CLASSES],
                    "dtype": "float32",
                    "meaning": "probability of each emotion, in the order of 'emotions' "

@@ -15,9 +15,8 @@ import keras
 import numpy as np
 from keras import layers
 
-from ferlib import MODEL_NAMES, NUM_CLASSES
+from ferlib import IMAGE_SIZE, MODEL_NAMES, NUM_CLASSES
 
-IMAGE_SIZE = 48
 RESNET_IMAGENET_FILE = "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
 VIT_IMAGENET_PRESET = "vit_base_patch16_224_imagenet"
 

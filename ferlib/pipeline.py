@@ -15,7 +15,6 @@ paths and of library start-up noise before export.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import html
 import os
 import re
@@ -24,7 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ferlib.config import PROJECT_ROOT, load_params, parse_overrides, resolve_data_path
+from ferlib.artifacts import Run
+from ferlib import PROJECT_ROOT
+from ferlib.config import load_params, parse_overrides
+from ferlib.data import file_sha256, resolve_data_path
 from ferlib.runs import (atomic_write_bytes, atomic_write_text, code_hash, environment,
                          fingerprint, provenance, read_json, run_dir as default_run_dir,
                          write_json, write_yaml)
@@ -33,19 +35,9 @@ NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 REPORTS_DIR = PROJECT_ROOT / "reports"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-# The ferlib modules each notebook runs, directly or through what they import (plots imports
-# paper; train imports metrics and models; every module reads the package's constants), and
-# this runner. A change to one re-executes exactly the steps listed with it; training itself
-# still resumes or skips by train()'s own fingerprint. Modules that do not exist are ignored.
-STEP_MODULES = {
-    "01_eda": ("__init__", "config", "data", "plots", "paper", "runs", "pipeline"),
-    "02_preprocess": ("__init__", "config", "data", "models", "train", "metrics", "results",
-                      "plots", "paper", "runs", "pipeline", "search"),
-    "03_train": ("__init__", "config", "data", "models", "train", "metrics", "results",
-                 "plots", "paper", "runs", "pipeline", "explain"),
-    "04_compare": ("__init__", "config", "data", "models", "train", "metrics", "results",
-                   "plots", "paper", "runs", "pipeline", "explain", "apply"),
-}
+STEPS_WITHOUT_NOTEBOOK_IMPORTS = ("__init__", "pipeline")
+"""Modules every step depends on besides what its notebook imports: the package's constants
+and this runner (it scrubs and renders every page)."""
 
 
 class StepFailed(RuntimeError):
@@ -61,8 +53,49 @@ def plan(params: dict) -> list[tuple[str, str, dict]]:
     return steps
 
 
+def _imported_ferlib_modules(tree) -> set[str]:
+    """``ferlib`` modules named by the imports of a parsed module or notebook cell."""
+    import ast
+
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            parts = node.module.split(".")
+            if parts[0] != "ferlib":
+                continue
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:  # from ferlib import data, plots (modules) or EMOTIONS (a constant)
+                found.update(alias.name for alias in node.names
+                             if (PACKAGE_DIR / f"{alias.name}.py").exists())
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "ferlib" and len(parts) > 1:
+                    found.add(parts[1])
+    return {name for name in found if (PACKAGE_DIR / f"{name}.py").exists()}
+
+
+def module_closure(modules) -> tuple[str, ...]:
+    """``modules`` and every ``ferlib`` module they import, at the top or inside functions,
+    transitively (read from their source with ``ast``; nothing is imported)."""
+    import ast
+
+    pending, seen = list(modules), set()
+    while pending:
+        name = pending.pop()
+        if name in seen or not (PACKAGE_DIR / f"{name}.py").exists():
+            continue
+        seen.add(name)
+        tree = ast.parse((PACKAGE_DIR / f"{name}.py").read_text())
+        pending.extend(_imported_ferlib_modules(tree) - seen)
+    return tuple(sorted(seen))
+
+
 def step_modules(notebook_name: str) -> tuple[str, ...]:
-    """The existing ``ferlib`` modules whose source is part of a notebook's step fingerprint.
+    """The ``ferlib`` modules whose source is part of a notebook's step fingerprint: what its
+    code cells import and what those import in turn (:func:`module_closure`), plus
+    ``STEPS_WITHOUT_NOTEBOOK_IMPORTS``. Derived, not listed: a new import is covered at once.
 
     Parameters
     ----------
@@ -72,14 +105,25 @@ def step_modules(notebook_name: str) -> tuple[str, ...]:
     Returns
     -------
     tuple of str
-        Module names (``"train"``...) from ``STEP_MODULES`` whose ``ferlib/<name>.py`` exists.
+        Module names (``"train"``...), sorted.
     """
-    stem = Path(notebook_name).stem
-    if stem not in STEP_MODULES:
-        raise ValueError(f"notebook {notebook_name!r}: no module list in "
-                         f"ferlib.pipeline.STEP_MODULES; expected one of {sorted(STEP_MODULES)}")
-    return tuple(module for module in STEP_MODULES[stem]
-                 if (PACKAGE_DIR / f"{module}.py").exists())
+    import ast
+
+    import nbformat
+
+    path = NOTEBOOKS_DIR / f"{Path(notebook_name).stem}.ipynb"
+    if not path.exists():
+        available = ", ".join(sorted(p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb")))
+        raise ValueError(f"notebook {notebook_name!r}: no file {path}; expected one of "
+                         f"{available}")
+    notebook = nbformat.read(path, as_version=4)
+    imported = set(STEPS_WITHOUT_NOTEBOOK_IMPORTS)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            source = "\n".join(line for line in cell.source.splitlines()
+                               if not line.lstrip().startswith(("%", "!")))
+            imported |= _imported_ferlib_modules(ast.parse(source))
+    return module_closure(imported)
 
 
 def upstream_results(params: dict, step: str, extra: dict) -> list[str]:
@@ -87,18 +131,21 @@ def upstream_results(params: dict, step: str, extra: dict) -> list[str]:
 
     A train step shows its model's results (which may have been trained outside the
     pipeline, e.g. with ``ferlib train`` or on a GPU box); the compare step shows every
-    model's; the preprocessing step shows the recipe searches (``search/studies.db``). With ``cv_folds`` set, a model's result is its ``cv_metrics.json``.
+    model's; the preprocessing step shows the recipe searches. With ``cv_folds`` set, a
+    model's result is its cross-validation summary.
     """
+    from ferlib.artifacts import SEARCH_STORAGE
+
     if step == "02_preprocess":
-        return ["search/studies.db"]  # the recipe searches that its page shows
-    result = "cv_metrics.json" if params.get("cv_folds") else "metrics.json"
+        return [SEARCH_STORAGE]  # the recipe searches that its page shows
     models = (list(params["models"]) if step == "04_compare" else
               [extra["model"]] if "model" in extra else [])
-    return [f"models/{model}/{result}" for model in models]
+    run = Run(Path("."))
+    return [run.result_file(model, params.get("cv_folds")).as_posix() for model in models]
 
 
 def _file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def _step_inputs(params, notebook: Path, data_hash: str, upstream: list[str], run: Path) -> str:
@@ -439,7 +486,7 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
     Notes
     -----
     A step's inputs are the resolved params, its notebook, the source of the ``ferlib``
-    modules it runs (``STEP_MODULES``), the dataset's hash and the result files its report
+    modules it runs (``step_modules``), the dataset's hash and the result files its report
     shows (``upstream_results``). Every page gets the same provenance header, computed once
     here and also saved in ``runs/<profile>/manifest.json``.
     """
@@ -457,7 +504,8 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
     origin = provenance(params, data_path, data_hash, env)
     paths = machine_paths(run=run, reports=reports, data_path=data_path)
     run.mkdir(parents=True, exist_ok=True)
-    write_yaml(run / "params.yaml", params)
+    files = Run(run)
+    write_yaml(files.params, params)
     steps = plan(params)
     timings = {}
     say = lambda text: print(f"[report {name}] {text}", flush=True)  # noqa: E731
@@ -492,12 +540,12 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
                             "seconds": seconds})
         say(f"({index}/{len(steps)}) {step}: done in {seconds / 60:.1f} min -> {html_file}")
 
-    write_json(run / "manifest.json", {
+    write_json(files.manifest, {
         "profile": name, "seed": params["seed"], "data": {"path": str(data_path),
                                                           "sha256": data_hash},
         "steps": [s for s, _, _ in steps], "step_seconds": timings,
         "wall_seconds": time.time() - started, "environment": env, "provenance": origin,
-        "preprocess": read_json(run / "data_summary.json")})
+        "preprocess": read_json(files.data_summary)})
     write_index(params, run, reports, steps, origin)
     export_figures(run, reports)
     say(f"done in {(time.time() - started) / 60:.1f} min: open {reports / 'index.html'}")
@@ -526,12 +574,14 @@ def protocol_sentence(run: Path, models) -> str:
     """What the run's PrivateTest ledger says: "scored once" only where that is true."""
     from collections import Counter
 
-    ledger = read_json(Path(run) / "privatetest_scorings.json", [])
+    from ferlib.artifacts import LEDGER
+
+    ledger = Run(run).test_scorings()
     counts = Counter((entry["model"], entry["part"]) for entry in ledger
                      if entry["model"] in models)
     if counts and all(count == 1 for count in counts.values()):
         return ("Models were selected on PublicTest only; PrivateTest was scored once per "
-                "trained model (ledger: privatetest_scorings.json).")
+                f"trained model (ledger: {LEDGER}).")
     listed = ", ".join(f"{model}{'/' + part if part else ''} {count}x"
                        for (model, part), count in sorted(counts.items())) or "none recorded"
     return (f"Models were selected on PublicTest only. PrivateTest scorings per trained model, "
@@ -556,7 +606,7 @@ def write_index(params: dict, run: Path, reports: Path, steps, provenance: dict)
     """
     import pandas as pd
 
-    summary_file = run / "compare" / "summary.csv"
+    summary_file = Run(run).compare_summary
     table = "<p>(no comparison yet)</p>"
     if summary_file.exists():
         table = pd.read_csv(summary_file).to_html(index=False, border=0, classes="results",

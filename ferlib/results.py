@@ -6,7 +6,6 @@ The compare notebook and the report index call these; they only read artifacts w
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 from pathlib import Path
@@ -15,109 +14,13 @@ import numpy as np
 import pandas as pd
 
 from ferlib import EMOTIONS, metrics, paper
+from ferlib.artifacts import (ENSEMBLE_SIGNIFICANCE, SIGNIFICANCE,
+                              ModelResult, Run, load_results)
 from ferlib.runs import converged_by_curve, read_json
 
 HEADLINE_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro")
 PAPER_COLUMNS = {"accuracy": "accuracy", "precision_macro": "precision",
                  "recall_macro": "recall", "auc_macro": "auc"}
-
-
-@dataclasses.dataclass
-class ModelResult:
-    """Everything ``ferlib.train`` wrote for one model."""
-
-    name: str
-    directory: Path
-    history: pd.DataFrame
-    timing: pd.DataFrame
-    metrics: dict
-    settings: dict
-    predictions: dict
-    folds: list["ModelResult"] | None = None   # cross-validation: the fold models
-    cv: dict | None = None                      # cross-validation: cv_metrics.json
-
-    @property
-    def parameters_text(self) -> str:
-        return f"{self.metrics.get('parameters', 0):,} parameters"
-
-    @property
-    def display_name(self) -> str:
-        return paper.MODEL_DISPLAY_NAMES.get(self.name, self.name)
-
-    def test(self, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """PrivateTest labels and probabilities (flip-TTA probabilities if ``tta``)."""
-        key = "test_proba_tta" if tta else "test_proba"
-        return self.predictions["test_labels"], self.predictions[key]
-
-
-def load_result(run_dir, name: str) -> ModelResult:
-    """Load ``run_dir/models/<name>/``; a clear error if training has not finished."""
-    return load_directory(Path(run_dir) / "models" / name, name)
-
-
-def load_directory(directory: Path, name: str) -> ModelResult:
-    """Load what ``ferlib.train.train`` wrote into ``directory`` (one model or one fold)."""
-    directory = Path(directory)
-    if not (directory / "metrics.json").exists():
-        raise FileNotFoundError(f"{directory}: no finished training for {name!r} (metrics.json "
-                                f"missing); run `python -m ferlib train --model {name}` or the "
-                                f"03_train notebook first")
-    with np.load(directory / "predictions.npz") as archive:
-        predictions = {key: archive[key] for key in archive.files}
-    return ModelResult(name=name, directory=directory,
-                       history=pd.read_csv(directory / "history.csv"),
-                       timing=pd.read_csv(directory / "timing.csv"),
-                       metrics=read_json(directory / "metrics.json"),
-                       settings=read_json(directory / "settings.json"), predictions=predictions)
-
-
-def load_cv_result(run_dir, name: str) -> ModelResult:
-    """A cross-validated model as one result: the k-fold ensemble on PrivateTest (mean of the
-    fold models' probabilities), pooled out-of-fold predictions as validation, and learning
-    curves averaged over folds (``<column>_sd`` holds the spread); ``folds`` holds each fold.
-    """
-    directory = Path(run_dir) / "models" / name
-    if not (directory / "cv_metrics.json").exists():
-        raise FileNotFoundError(f"{directory}: no finished cross-validation for {name!r} "
-                                f"(cv_metrics.json missing); run `python -m ferlib train "
-                                f"--model {name}` with cv_folds set, or the 03_train notebook")
-    cv = read_json(directory / "cv_metrics.json")
-    folds = [load_directory(directory / f"fold{k}", name) for k in range(1, cv["folds"] + 1)]
-    with np.load(directory / "cv_predictions.npz") as archive:
-        pooled = {key: archive[key] for key in archive.files}
-    stacked = pd.concat([fold.history.assign(fold=k) for k, fold in enumerate(folds, 1)])
-    history = stacked.groupby("epoch").mean(numeric_only=True).drop(columns="fold")
-    spread = stacked.groupby("epoch").std(numeric_only=True).drop(columns="fold")
-    history = history.join(spread.add_suffix("_sd")).reset_index()
-    timing = pd.concat([fold.timing for fold in folds]).groupby("epoch").mean().reset_index()
-    first = folds[0].metrics
-    metrics_ = {"model": name, "folds": cv["folds"],
-                "best_epoch": int(np.argmax(history.val_accuracy.values)) + 1,
-                "epochs_run": len(history),
-                "stopped_reason": ", ".join(sorted({f.metrics["stopped_reason"] for f in folds})),
-                "budget_minutes": first.get("budget_minutes"),
-                "train_seconds": float(sum(f.metrics["train_seconds"] for f in folds)),
-                "seconds_per_epoch": float(timing.seconds.mean()),
-                "parameters": first.get("parameters"), "machine": first.get("machine"),
-                "privatetest_scorings": max(f.metrics.get("privatetest_scorings", 1)
-                                            for f in folds),
-                "val": cv["oof"]}
-    predictions = {"val_proba": pooled["oof_proba"], "val_labels": pooled["oof_labels"],
-                   "val_ids": pooled["oof_ids"]}
-    if "test_proba" in pooled:
-        metrics_["test"] = cv["ensemble_test"]
-        predictions.update(test_proba=pooled["test_proba"], test_labels=pooled["test_labels"],
-                           test_ids=pooled["test_ids"], fold_test_proba=pooled["fold_test_proba"])
-    return ModelResult(name=name, directory=directory, history=history, timing=timing,
-                       metrics=metrics_, settings=folds[0].settings, predictions=predictions,
-                       folds=folds, cv=cv)
-
-
-def load_results(run_dir, names, cv_folds: int = 0) -> dict[str, ModelResult]:
-    """Every model's result: the official-split model, or with ``cv_folds`` the k-fold
-    cross-validation (see :func:`load_cv_result`)."""
-    load = load_cv_result if cv_folds else load_result
-    return {name: load(run_dir, name) for name in names}
 
 
 def epoch_log(result: ModelResult) -> pd.DataFrame:
@@ -195,12 +98,11 @@ def cv_significance(results: dict[str, ModelResult]) -> pd.DataFrame:
 def test_scorings_table(results: dict[str, ModelResult], run_dir) -> pd.DataFrame:
     """How many times each model was scored on PrivateTest, per the run's ledger (replaced
     runs included). The protocol's "scored once" holds only where the count is 1."""
-    from ferlib.train import count_test_scorings
-
+    run = Run(run_dir)
     rows = []
     for name, result in results.items():
         parts = [f"fold{k}" for k in range(1, len(result.folds) + 1)] if result.folds else [""]
-        counts = [count_test_scorings(run_dir, name, part) for part in parts]
+        counts = [run.count_test_scorings(name, part) for part in parts]
         rows.append({"model": result.display_name,
                      "PrivateTest scorings": max(counts) if counts else 0,
                      "scored once": all(count == 1 for count in counts)})
@@ -589,7 +491,7 @@ def saliency_source(result: ModelResult):
     source = result.folds[0] if result.folds else result
     note = " (fold 1's model; the k-fold ensemble has no single network)" if result.folds else ""
     labels, proba = source.test()
-    return keras.models.load_model(source.directory / "best.keras"), labels, proba, note
+    return keras.models.load_model(source.model_file), labels, proba, note
 
 
 def fit_ensemble_weights(results: dict[str, ModelResult]) -> dict[str, float]:
@@ -690,8 +592,8 @@ def readme_tables(run_dir, params: dict) -> str:
     ``ensemble_significance.csv``) and each model's training files, so the README quotes the
     report's numbers instead of retyping them: ``python -m ferlib results --profile full``.
     """
-    compare = Path(run_dir) / "compare"
-    path = compare / "summary_full.csv"
+    compare = Run(run_dir).compare
+    path = Run(run_dir).compare_summary_full
     if not path.exists():
         raise FileNotFoundError(f"{path}: no compare tables yet; render the run first "
                                 f"(make report PROFILE={params['profile']})")
@@ -742,7 +644,7 @@ def readme_tables(run_dir, params: dict) -> str:
 
     out = ["\n".join(lines)]
     rows = []
-    for file in ("significance.csv", "ensemble_significance.csv"):
+    for file in (SIGNIFICANCE, ENSEMBLE_SIGNIFICANCE):
         if (compare / file).exists():
             rows += pd.read_csv(compare / file).to_dict("records")
     if rows:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ferlib.config import PROJECT_ROOT
+from ferlib import PROJECT_ROOT
 
 PACKAGES = ("tensorflow", "keras", "keras-hub", "jax", "torch", "numpy", "pandas",
             "scikit-learn", "papermill", "nbconvert")
@@ -353,55 +353,3 @@ def converged_by_curve(epochs_run: int, best_epoch: int, patience: int | None) -
     """The study's convergence rule: the best PublicTest epoch lies at least ``patience``
     epochs (3 when the profile has no early stopping) before the last epoch run."""
     return epochs_run - best_epoch >= (patience or 3)
-
-
-STOP_WORDS = {"early_stopping": "early stop", "completed": "epoch cap", "budget": "time budget"}
-
-
-def progress_table(directory: Path, params: dict):
-    """One row per model of a run: epochs done of the cap, best PublicTest accuracy and epoch,
-    epochs since the best (against the early-stopping patience), whether a finished model
-    converged (:func:`converged_by_curve`), state, mean seconds per epoch
-    and the time left if it runs to the cap. Reads ``state.json`` files only (safe while a
-    training is running)."""
-    import pandas as pd
-
-    from ferlib.config import model_settings
-
-    rows = []
-    for name in params["models"]:
-        train = model_settings(params, name)["train"]
-        parts = ([f"fold{k}" for k in range(1, params["cv_folds"] + 1)] if params["cv_folds"]
-                 else [""])
-        for part in parts:
-            state = read_json(Path(directory) / "models" / name / part / "state.json") or {}
-            history, timing = state.get("history", []), state.get("timing", [])
-            done = len(history)
-            seconds = (sum(t["seconds"] for t in timing) / len(timing)) if timing else None
-            finished = state.get("finished")
-            rows.append({
-                "model": f"{name}/{part}" if part else name,
-                "epochs done": f"{done}/{train['epochs']}",
-                "best PublicTest acc": (state.get("best_val_accuracy")
-                                        if state.get("best_epoch") else None),
-                "best epoch": state.get("best_epoch"),
-                "since best / patience": (f"{done - state['best_epoch']}/"
-                                          f"{train['early_stopping_patience']}"
-                                          if state.get("best_epoch") else None),
-                "converged": (("yes" if converged_by_curve(
-                    done, state["best_epoch"], train["early_stopping_patience"]) else "no")
-                    if finished and state.get("best_epoch") else None),
-                "state": ("finished: " + STOP_WORDS.get(state.get("stopped_reason"),
-                                                        str(state.get("stopped_reason")))
-                          if finished
-                          else "stopping" if state.get("stopped_reason")
-                          else "in progress" if done else "not started"),
-                "s/epoch": round(seconds) if seconds else None,
-                "left at most (h)": (0.0 if finished or state.get("stopped_reason") else
-                                     round((train["epochs"] - done) * seconds / 3600, 2)
-                                     if seconds else None),
-            })
-    frame = pd.DataFrame(rows)
-    for column in ("best epoch", "s/epoch"):  # whole numbers, even next to missing values
-        frame[column] = frame[column].astype("Int64")
-    return frame

@@ -8,6 +8,9 @@
 - ``predictions.npz``: validation and test probabilities (and test with flip TTA), labels
 - ``metrics.json``: best epoch, why training stopped, validation and test metrics
 - ``settings.json``: everything that determined the training (compared on resume)
+- ``calibration.json``: the temperature fitted on PublicTest (``ferlib.calibration``)
+
+The names are ``ferlib.artifacts``' (the run directory's contract).
 
 After every epoch an epoch-numbered checkpoint (model + optimizer) and ``state.json`` are
 written atomically; ``state.json`` is the commit point, so a run killed at any moment (even
@@ -31,15 +34,16 @@ import pandas as pd
 from ferlib import NUM_CLASSES, metrics
 from ferlib.config import model_settings
 from ferlib.data import FERData, class_weights, stratified_folds
+from ferlib.artifacts import ModelRun, Run
+from ferlib.inference import predict_proba
 from ferlib.runs import atomic_save, code_fingerprint, fingerprint, read_json, write_json
 
-STATE_FILE = "state.json"
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
 # Code that evaluates, reads inputs or writes files: it does not change what a model learns, and
 # its inputs (settings, data) are fingerprinted by value. Everything else that ``train`` runs,
 # wherever it lives, is "the training code" (see training_code).
-NOT_TRAINING_MODULES = ("ferlib.metrics", "ferlib.runs", "ferlib.config", "ferlib.data")
-TEST_LEDGER = "privatetest_scorings.json"
+NOT_TRAINING_MODULES = ("ferlib.metrics", "ferlib.runs", "ferlib.config", "ferlib.data",
+                        "ferlib.artifacts", "ferlib.calibration")
 TIMING_COLUMNS = ["epoch", "seconds", "train_seconds", "eval_seconds", "images_per_second"]
 
 
@@ -259,23 +263,6 @@ def compile_model(model, settings: dict) -> None:
                   metrics=["accuracy"], jit_compile=train["jit_compile"])
 
 
-def predict_proba(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities (softmax of the model's logits) for uint8 images.
-
-    Under a data-parallel distribution the images are padded to a multiple of the device count
-    (every batch must split evenly) and the padding is dropped from the result."""
-    import keras
-
-    devices = 1
-    if keras.backend.backend() == "jax" and keras.distribution.distribution() is not None:
-        devices = len(keras.distribution.distribution().device_mesh.devices.flatten())
-    padding = -len(images) % devices
-    if padding:
-        images = np.concatenate([images, np.repeat(images[-1:], padding, axis=0)])
-    logits = np.asarray(model.predict(images, batch_size=batch_size, verbose=0))
-    return metrics.softmax(logits[:len(logits) - padding].astype(np.float64))
-
-
 def machine_description() -> str:
     """Where training ran: CPU model and cores, or the accelerator, and the Keras backend."""
     import keras
@@ -357,11 +344,11 @@ def finished_result(model_name: str, data: FERData, params: dict, run_dir,
                     subdir: str | None = None) -> dict | None:
     """``metrics.json`` of a finished training that is current for these settings and data,
     else None (never trains)."""
-    out = Path(run_dir) / "models" / model_name / (subdir or "")
-    state = read_json(out / STATE_FILE)
+    files = Run(run_dir).model(model_name, subdir)
+    state = files.read_state()
     key = training_key(model_settings(params, model_name), data)
     if state and state.get("finished") and state.get("fingerprint") == key:
-        return read_json(out / "metrics.json")
+        return read_json(files.metrics)
     return None
 
 
@@ -396,7 +383,8 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
 
     settings = model_settings(params, model_name)
     train_settings = settings["train"]
-    out = Path(run_dir) / "models" / model_name / (subdir or "")
+    files = Run(run_dir).model(model_name, subdir)
+    out = files.directory
     say = (lambda text: print(f"[{model_name}{'/' + subdir if subdir else ''}] {text}",
                               flush=True)) if progress else (lambda text: None)
 
@@ -409,22 +397,22 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
     key_parts = training_key_parts(settings, data)
     key = fingerprint(key_parts)
 
-    state = read_json(out / STATE_FILE)
+    state = files.read_state()
     if state and state.get("fingerprint") != key:
-        stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        change = describe_change(read_json(out / "settings.json"), state.get("key_parts"),
+        stale = files.stale_copy()
+        change = describe_change(read_json(files.settings), state.get("key_parts"),
                                  settings, key_parts)
         say(f"changed since the last run: {change}. Moved that run to {stale} and training "
             f"anew")
         shutil.move(str(out), stale)
         state = None
-    if state and state["finished"] and (out / "metrics.json").exists():
+    if state and state["finished"] and files.metrics.exists():
         say(f"already trained ({state['stopped_reason']}, {len(state['history'])} epochs): "
             f"skipping")
-        return read_json(out / "metrics.json")
+        return read_json(files.metrics)
 
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "settings.json", settings)
+    write_json(files.settings, settings)
     distribution = prepare_backend(settings)
     batch_size = train_settings["batch_size"]
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
@@ -499,9 +487,9 @@ def _update_state(state, model, out, epoch, val_accuracy, val_loss, train, budge
     The plan (and so the cosine schedule) is fixed by the epoch count: the same profile trains
     identically on a fast or a slow machine. ``budget`` (seconds) is only a safety stop."""
     if val_accuracy > state["best_val_accuracy"]:
-        name = f"best-{epoch:03d}.weights.h5"
-        atomic_save(model.save_weights, out / name)
-        state.update(best_val_accuracy=val_accuracy, best_epoch=epoch, best_weights=name,
+        path = ModelRun(out).best_weights(epoch)
+        atomic_save(model.save_weights, path)
+        state.update(best_val_accuracy=val_accuracy, best_epoch=epoch, best_weights=path.name,
                      wait=0)
     else:
         state["wait"] += 1
@@ -523,14 +511,14 @@ def _update_state(state, model, out, epoch, val_accuracy, val_loss, train, budge
 
 
 def _save_checkpoint(state, model, out, epoch) -> None:
-    name = f"checkpoint-{epoch:03d}.keras"
-    atomic_save(model.save, out / name)
-    state["checkpoint"] = name
-    write_json(out / STATE_FILE, state)  # the commit point
-    pd.DataFrame(state["history"], columns=HISTORY_COLUMNS).to_csv(out / "history.csv",
-                                                                    index=False)
-    pd.DataFrame(state["timing"], columns=TIMING_COLUMNS).to_csv(out / "timing.csv", index=False)
-    for stale in list(out.glob("checkpoint-*.keras")) + list(out.glob("best-*.weights.h5")):
+    files = ModelRun(out)
+    path = files.checkpoint(epoch)
+    atomic_save(model.save, path)
+    state["checkpoint"] = path.name
+    write_json(files.state, state)  # the commit point
+    pd.DataFrame(state["history"], columns=HISTORY_COLUMNS).to_csv(files.history, index=False)
+    pd.DataFrame(state["timing"], columns=TIMING_COLUMNS).to_csv(files.timing, index=False)
+    for stale in files.epoch_files():
         if stale.name not in (state["checkpoint"], state["best_weights"]):
             stale.unlink(missing_ok=True)
 
@@ -551,32 +539,13 @@ def _log_epoch(say, state, train, budget) -> None:
         f"{stop}")
 
 
-def record_test_scoring(run_dir: Path, model_name: str, part: str, key: str) -> int:
-    """Add one PrivateTest scoring of ``model_name`` (``part``: fold, or "") to the run's
-    ledger and return how many times it has been scored, replaced earlier runs included.
-
-    The protocol allows one look at PrivateTest per model; the ledger makes the count visible
-    instead of asking readers to take "scored once" on trust."""
-    ledger_file = Path(run_dir) / TEST_LEDGER
-    ledger = read_json(ledger_file, [])
-    ledger.append({"model": model_name, "part": part, "fingerprint": key,
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    write_json(ledger_file, ledger)
-    return count_test_scorings(run_dir, model_name, part)
-
-
-def count_test_scorings(run_dir: Path, model_name: str, part: str = "") -> int:
-    """How many times the run's ledger says ``model_name`` (``part``) was scored on PrivateTest."""
-    return sum(entry["model"] == model_name and entry["part"] == part
-               for entry in read_json(Path(run_dir) / TEST_LEDGER, []))
-
-
 def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: Path,
             part: str, distribution: dict) -> dict:
     """Reload the best weights into a clean model, predict val/test, write metrics."""
     model = build_for_settings(settings)
+    files = ModelRun(out)
     model.load_weights(out / state["best_weights"])
-    atomic_save(model.save, out / "best.keras")
+    atomic_save(model.save, files.best_model)
     (x_val, y_val), (x_test, y_test) = val, test
     val_proba = predict_proba(model, x_val)
     arrays = {"val_proba": val_proba, "val_labels": y_val,
@@ -593,8 +562,8 @@ def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: 
               "distribution": {k: v for k, v in distribution.items() if k != "device_names"},
               "val": metrics.classification_metrics(y_val, val_proba)}
     if len(x_test):
-        result["privatetest_scorings"] = record_test_scoring(run_dir, model_name, part,
-                                                             state["fingerprint"])
+        result["privatetest_scorings"] = Run(run_dir).record_test_scoring(
+            model_name, part, state["fingerprint"])
         test_proba = predict_proba(model, x_test)
         arrays.update(test_proba=test_proba, test_labels=y_test,
                       test_ids=data.source_ids[data.split == "test"])
@@ -603,13 +572,15 @@ def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: 
             tta = metrics.tta_probabilities(lambda x: predict_proba(model, x), x_test)
             arrays["test_proba_tta"] = tta
             result["test_tta"] = metrics.classification_metrics(y_test, tta)
-    np.savez_compressed(out / "predictions.tmp.npz", **arrays)
-    os.replace(out / "predictions.tmp.npz", out / "predictions.npz")
-    write_json(out / "metrics.json", result)
+    atomic_save(lambda path: np.savez_compressed(path, **arrays), files.predictions)
+    write_json(files.metrics, result)
     state["finished"] = True
-    write_json(out / STATE_FILE, state)
-    for leftover in [*out.glob("checkpoint-*.keras"), *out.glob("best-*.weights.h5")]:
+    write_json(files.state, state)
+    for leftover in files.epoch_files():
         leftover.unlink()  # large (weights + optimizer); best.keras is what we keep
+    from ferlib.calibration import calibrate_model_dir
+
+    calibrate_model_dir(out)  # a trained folder is complete: evaluate / predict use it
     test_text = f", test acc {result['test']['accuracy']:.3f}" if "test" in result else ""
     say(f"done ({state['stopped_reason']}): best val acc {state['best_val_accuracy']:.3f} at "
         f"epoch {state['best_epoch']}{test_text}")
@@ -656,12 +627,12 @@ def train_cv(model_name: str, data: FERData, params: dict, run_dir, *,
             print(f"[{model_name}] folds {', '.join(map(str, missing))} of {k} not trained yet: "
                   f"the fold merge waits for them", flush=True)
         return None
-    directory = Path(run_dir) / "models" / model_name
+    files = Run(run_dir).model(model_name)
     oof_proba = np.zeros((len(pool), NUM_CLASSES))
     fold_of = np.zeros(len(pool), np.int64)
     test_probas = []
     for index, (_, val_index) in enumerate(splits, start=1):
-        with np.load(directory / f"fold{index}" / "predictions.npz") as archive:
+        with np.load(files.fold(index).predictions) as archive:
             # train() predicts val in dataset order, which is pool order restricted to the fold
             oof_proba[np.sort(val_index)] = archive["val_proba"]
             fold_of[val_index] = index
@@ -691,7 +662,6 @@ def train_cv(model_name: str, data: FERData, params: dict, run_dir, *,
         frame = pd.DataFrame([{key: value for key, value in r[part].items()
                                if isinstance(value, float)} for r in results if part in r])
         summary[part] = {"mean": frame.mean().to_dict(), "std": frame.std().to_dict()}
-    np.savez_compressed(directory / "cv_predictions.tmp.npz", **arrays)
-    os.replace(directory / "cv_predictions.tmp.npz", directory / "cv_predictions.npz")
-    write_json(directory / "cv_metrics.json", summary)
+    atomic_save(lambda path: np.savez_compressed(path, **arrays), files.cv_predictions)
+    write_json(files.cv_metrics, summary)
     return summary

@@ -327,8 +327,8 @@ def predict_video(source, model_path, *, every: int = 1, out=None, annotate_vide
     """
     from tqdm import tqdm
 
-    from ferlib.apply import (FACE_MARGIN, Predictor, _model_files, crop_face, detect_faces,
-                              face_detector)
+    from ferlib.faces import FACE_MARGIN, crop_face, detect_faces, face_detector
+    from ferlib.inference import Predictor, model_files
 
     if every < 1:
         raise ValueError(f"--every must be at least 1; got {every}")
@@ -336,7 +336,7 @@ def predict_video(source, model_path, *, every: int = 1, out=None, annotate_vide
         raise ValueError(f"--smooth must be at least 1 (1: no smoothing); got {smooth}")
     if out is not None and Path(out).suffix.lower() not in ROW_SUFFIXES:
         raise ValueError(f"--out: {out}: expected a .csv or .jsonl file")
-    _model_files(model_path)
+    model_files(model_path)
     camera = isinstance(source, int)
     capture = _open(source)  # before loading the models: a bad file fails at once
     rows = video = bar = None

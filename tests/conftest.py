@@ -5,7 +5,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import json
+
+import pytest
+
 from ferlib import EMOTIONS
+
+TEMPERATURE = 2.0
+"""The temperature in the calibration.json of ``trained_model``."""
 
 
 def make_fer_folder(root: Path, per_split=None, seed: int = 0) -> Path:
@@ -23,3 +30,33 @@ def make_fer_folder(root: Path, per_split=None, seed: int = 0) -> Path:
                 image[6 * label:6 * label + 8, 10:38] = 220  # a class-specific bright band
                 Image.fromarray(image).save(directory / f"{prefix}_{label}{index:03d}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory):
+    """runs/demo/models/alexnet/best.keras with calibration.json, settings.json and the run's
+    manifest.json, as ferlib.train and the report pipeline leave them."""
+    import keras
+
+    from ferlib.models import build_model
+
+    keras.utils.set_random_seed(3)
+    run = tmp_path_factory.mktemp("runs") / "demo"
+    folder = run / "models" / "alexnet"
+    folder.mkdir(parents=True)
+    model = build_model("alexnet", width=0.25, dense_units=16,
+                        augment={"flip": True, "rotation": 0.05, "zoom": 0.1}, seed=1)
+    model.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 48, 48, 1), dtype=np.uint8)
+    labels = keras.utils.to_categorical(rng.integers(0, 7, 64), 7)
+    model.fit(images, labels, batch_size=16, epochs=1, verbose=0)
+    path = folder / "best.keras"
+    model.save(path)
+    (folder / "calibration.json").write_text(json.dumps({"temperature": TEMPERATURE}))
+    (folder / "settings.json").write_text(json.dumps({"model": "alexnet"}))
+    (folder / "state.json").write_text(json.dumps({"history": [{}, {}, {}]}))
+    (run / "manifest.json").write_text(json.dumps({
+        "profile": "demo", "data": {"sha256": "ab" * 32},
+        "provenance": {"dataset": "fer2013.zip", "git_commit": "c0ffee", "git_dirty": False}}))
+    return path

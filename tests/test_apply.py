@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferlib import EMOTIONS, apply
+from ferlib import EMOTIONS, apply, faces, inference
 from ferlib.__main__ import main
 
 RNG = np.random.default_rng(0)
@@ -157,8 +157,8 @@ def test_crop_face_adds_a_margin_inside_the_image():
     gray = np.zeros((100, 100), np.uint8)
     gray[20:80, 20:80] = 255  # the "face"; the margin brings in a dark border
 
-    crop = apply.crop_face(gray, (20, 20, 60, 60), margin=0.1)
-    edge = apply.crop_face(gray, (0, 0, 100, 100), margin=0.1)
+    crop = faces.crop_face(gray, (20, 20, 60, 60), margin=0.1)
+    edge = faces.crop_face(gray, (0, 0, 100, 100), margin=0.1)
 
     assert crop.shape == edge.shape == (48, 48) and crop.dtype == np.uint8
     assert crop[0, 0] < 64 and crop[24, 24] == 255
@@ -275,9 +275,9 @@ def test_evaluate_an_ensemble_of_models(model_path, second_model_path, tmp_path,
     from ferlib.data import load_fer2013
 
     images = load_fer2013(data, on_error="skip", cache=False).images
-    members = [apply.Predictor(path).probabilities(images) for path in
+    members = [inference.Predictor(path).probabilities(images) for path in
                (model_path, second_model_path)]
-    ensemble = apply.Predictor([model_path, second_model_path]).probabilities(images)
+    ensemble = inference.Predictor([model_path, second_model_path]).probabilities(images)
     np.testing.assert_allclose(ensemble, np.mean(members, axis=0), atol=1e-6)
     assert first["model"] == str(model_path) and second["ensemble"] == 1
 

@@ -46,6 +46,7 @@ def fake_training():
     process.wait()
 
 
+@pytest.mark.train
 @linux_only
 def test_training_pids_finds_a_ferlib_training(fake_training):
     assert fake_training.pid in common.training_pids()
@@ -58,6 +59,7 @@ def test_training_pids_finds_a_ferlib_training(fake_training):
         other.wait()
 
 
+@pytest.mark.train
 @linux_only
 def test_paused_training_stops_then_resumes_even_on_error(fake_training):
     pid = fake_training.pid

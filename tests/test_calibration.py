@@ -9,7 +9,8 @@ import pytest
 
 from ferlib import calibration
 from ferlib.metrics import softmax
-from ferlib.results import ModelResult, calibration_table
+from ferlib.artifacts import ModelResult
+from ferlib.results import calibration_table
 
 TEMPERATURE = 2.5
 

@@ -7,9 +7,9 @@ import yaml
 
 import ferlib.config
 from ferlib import MODEL_NAMES, PAPER_MODELS
-from ferlib.config import (PARAMS_DIR, SCHEMA, load_params, model_settings, parse_overrides,
-                           resolve_data_path, validate)
-from ferlib.data import DatasetNotFoundError
+import ferlib.data
+from ferlib.config import PARAMS_DIR, SCHEMA, load_params, model_settings, parse_overrides, validate
+from ferlib.data import DatasetNotFoundError, resolve_data_path
 
 PROFILES = sorted(path.stem for path in PARAMS_DIR.glob("*.yaml"))
 
@@ -243,7 +243,7 @@ def test_fer2013_path_env_overrides_the_file(tmp_path, monkeypatch):
 
 
 def test_data_path_found_in_default_locations(tmp_path, monkeypatch):
-    monkeypatch.setattr(ferlib.config, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(ferlib.data, "PROJECT_ROOT", tmp_path)
     (tmp_path / "data" / "fer2013").mkdir(parents=True)
     assert resolve_data_path() == tmp_path / "data" / "fer2013"
     (tmp_path / "data" / "fer2013.zip").write_bytes(b"")
@@ -253,7 +253,7 @@ def test_data_path_found_in_default_locations(tmp_path, monkeypatch):
 
 
 def test_data_path_not_found_explains_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(ferlib.config, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(ferlib.data, "PROJECT_ROOT", tmp_path)
     with pytest.raises(DatasetNotFoundError) as error:
         resolve_data_path()
     message = str(error.value)

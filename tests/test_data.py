@@ -20,7 +20,7 @@ import ferlib.data
 from ferlib import EMOTIONS
 from ferlib.data import (DatasetNotFoundError, FERData, FERDataError, class_counts,
                          class_weights, cross_split_overlap, duplicate_summary, duplicates,
-                         load_dataset, load_fer2013, near_blank, official_splits,
+                         load_dataset, load_fer2013, near_blank,
                          pixel_statistics, reader_version, seen_elsewhere, sharpness,
                          sharpness_by_split, sharpness_warning, stratified_folds, subsample)
 
@@ -690,16 +690,6 @@ def test_load_dataset_applies_profile_limits(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- splits, folds
-
-def test_official_splits():
-    data = make_data([0, 1, 2, 3, 4, 5], ["train", "train", "val", "test", "train", "val"])
-    splits = official_splits(data)
-    assert list(splits) == ["train", "val", "test"]
-    assert splits["train"][1].tolist() == [0, 1, 4]
-    assert splits["val"][1].tolist() == [2, 5]
-    assert splits["test"][1].tolist() == [3]
-    np.testing.assert_array_equal(splits["val"][0], data.images[[2, 5]])
-
 
 def imbalanced_data() -> FERData:
     train_labels = [0] * 60 + [3] * 30 + [1] * 10

@@ -17,7 +17,9 @@ FACES = RNG.integers(0, 256, (4, 48, 48), dtype=np.uint8)
 TINY = {"alexnet": {"width": 0.25, "dense_units": 16},
         "resnet50v2": {"input_size": 32},
         "vit": {"patch_size": 6, "num_layers": 2, "num_heads": 2, "hidden_dim": 16,
-                "mlp_dim": 32}}
+                "mlp_dim": 32},
+        "vit_conv": {"patch_size": 4, "stem_layers": 1, "num_layers": 2, "num_heads": 2,
+                     "hidden_dim": 16, "mlp_dim": 32}}
 QUADRANT = (slice(0, 24), slice(0, 24))
 
 
@@ -117,7 +119,7 @@ def test_every_registered_model_gets_maps(tiny_models, name):
     model = tiny(tiny_models, name)
     layer = explain.default_layer(model)
     expected = {"alexnet": "conv5_relu", "resnet50v2": "resnet50v2/post_relu"}
-    if name == "vit":
+    if name.startswith("vit"):
         assert layer.endswith("/transformer_block_2")
     else:
         assert layer == expected[name]
@@ -173,6 +175,7 @@ def test_unsupported_backend_is_named(toy, bright_faces, monkeypatch):
         explain.grad_cam(toy, bright_faces)
 
 
+@pytest.mark.jax
 def test_grad_cam_on_jax(tmp_path):
     pytest.importorskip("jax")
     script = textwrap.dedent(f"""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ferlib.config import PROJECT_ROOT
+from ferlib import PROJECT_ROOT
 
 from conftest import make_fer_folder
 

@@ -269,3 +269,25 @@ def test_calling_the_model_without_training_is_inference(built):
                                atol=1e-5)
     np.testing.assert_allclose(default, to_numpy(model.predict(images[..., None], verbose=0)),
                                atol=1e-4)
+
+
+def test_import_ferlib_is_enough_for_plain_keras_loading(tmp_path):
+    """A new user's two lines: ``import ferlib`` then ``keras.saving.load_model``, in a fresh
+    process (Keras imported after ferlib, as people write it)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "tiny.keras"
+    build_tiny("alexnet").save(path)  # holds the Augmentation layer
+    script = ("import ferlib, keras, numpy\n"
+              f"model = keras.saving.load_model({str(path)!r})\n"
+              "print(model(numpy.zeros((1, 48, 48, 1), 'uint8')).shape)\n")
+    env = {**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("(1, 7)")
+    quick = subprocess.run([sys.executable, "-c", "import ferlib, sys; "
+                            "print('keras' in sys.modules)"], capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert quick.stdout.strip() == "False"  # importing ferlib alone stays light

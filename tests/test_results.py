@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ferlib import results
+from ferlib import artifacts, results
 from ferlib.config import validate
 from ferlib.train import train, train_cv
 from test_train import TINY_ALEXNET, synthetic_data
@@ -41,9 +41,10 @@ def cv_run(tmp_path_factory, data):
     params = tiny_params(cv_folds=2)
     for name in params["models"]:
         train_cv(name, data, params, run_dir, progress=False)
-    return run_dir, results.load_results(run_dir, params["models"], cv_folds=2)
+    return run_dir, artifacts.load_results(run_dir, params["models"], cv_folds=2)
 
 
+@pytest.mark.train
 def test_cv_result_is_the_fold_ensemble_with_pooled_validation(cv_run, data):
     _, models = cv_run
     result = models["alexnet"]
@@ -63,6 +64,7 @@ def test_cv_result_is_the_fold_ensemble_with_pooled_validation(cv_run, data):
     assert result.metrics["privatetest_scorings"] == 1
 
 
+@pytest.mark.train
 def test_fold_table_has_every_fold_then_mean_and_sd(cv_run):
     _, models = cv_run
     table = results.fold_table(models["vit"])
@@ -72,6 +74,7 @@ def test_fold_table_has_every_fold_then_mean_and_sd(cv_run):
     assert values[3] == pytest.approx(values[:2].std(ddof=1))
 
 
+@pytest.mark.train
 def test_cv_tables_compare_models_on_the_same_folds(cv_run):
     _, models = cv_run
     table = results.cv_table(models)
@@ -87,6 +90,7 @@ def test_cv_tables_compare_models_on_the_same_folds(cv_run):
     assert 0 <= row["McNemar on pooled out-of-fold p"] <= 1
 
 
+@pytest.mark.train
 def test_test_scorings_table_reads_the_ledger(cv_run):
     run_dir, models = cv_run
     table = results.test_scorings_table(models, run_dir)
@@ -96,13 +100,14 @@ def test_test_scorings_table_reads_the_ledger(cv_run):
 
 def test_loading_a_missing_cv_run_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="cv_metrics.json missing"):
-        results.load_cv_result(tmp_path, "alexnet")
+        artifacts.load_cv_result(tmp_path, "alexnet")
 
 
+@pytest.mark.train
 def test_summary_adds_the_accuracy_without_duplicates(tmp_path, data):
     params = tiny_params(models=["alexnet"])
     train("alexnet", data, params, tmp_path, progress=False)
-    models = results.load_results(tmp_path, ["alexnet"])
+    models = artifacts.load_results(tmp_path, ["alexnet"])
     labels, proba = models["alexnet"].test()
     unseen = np.arange(len(labels)) % 3 != 0
     summary = results.summary_table(models, n_boot=50, seed=0, unseen=unseen)
@@ -133,7 +138,7 @@ def test_recipe_experiments_table(tmp_path):
 
 
 def _hand_result(name, val_proba, val_labels, test_proba, test_labels):
-    return results.ModelResult(
+    return artifacts.ModelResult(
         name=name, directory=Path("."), history=pd.DataFrame(), timing=pd.DataFrame(),
         metrics={"val": {"accuracy": float((val_proba.argmax(1) == val_labels).mean())}},
         settings={}, predictions={"val_proba": val_proba, "val_labels": val_labels,
@@ -196,7 +201,7 @@ def _curve_result(val_accuracy, best_epoch, patience, stopped):
     epochs = np.arange(1, len(val_accuracy) + 1)
     history = pd.DataFrame({"epoch": epochs, "accuracy": np.linspace(0.3, 0.7, len(epochs)),
                             "val_accuracy": val_accuracy})
-    return results.ModelResult(
+    return artifacts.ModelResult(
         name="m", directory=Path("."), history=history, timing=pd.DataFrame(),
         metrics={"best_epoch": best_epoch, "stopped_reason": stopped, "train_seconds": 600},
         settings={"train": {"epochs": 40, "early_stopping_patience": patience}}, predictions={})
@@ -226,7 +231,8 @@ def test_status_table_says_which_finished_models_converged(tmp_path):
     epochs since it, the convergence verdict of finished models (the same rule as the
     reports), why they stopped and the time left."""
     from ferlib.config import load_params
-    from ferlib.runs import progress_table, write_json
+    from ferlib.artifacts import progress_table
+    from ferlib.runs import write_json
 
     params = load_params("smoke", overrides={"train": {"epochs": 10,
                                                        "early_stopping_patience": 3}})
@@ -251,6 +257,7 @@ def test_status_table_says_which_finished_models_converged(tmp_path):
     assert vit["epochs done"] == "3/10" and vit["left at most (h)"] == round(7 / 60, 2)
 
 
+@pytest.mark.train
 def test_readme_tables_quote_the_compare_outputs(cv_run, tmp_path):
     run_dir, models = cv_run
     params = tiny_params(cv_folds=2)

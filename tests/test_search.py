@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import pytest
 import yaml
 
 from conftest import make_fer_folder
-from ferlib.config import PROJECT_ROOT, deep_merge, load_params, model_settings, validate
+from ferlib import PROJECT_ROOT
+from ferlib.config import deep_merge, load_params, model_settings, validate
 from ferlib.data import FERDataError, load_fer2013
 
 pytestmark = pytest.mark.filterwarnings(

@@ -24,13 +24,15 @@ import pandas as pd
 import pytest
 
 import ferlib.train
-from ferlib import NUM_CLASSES
-from ferlib.config import PROJECT_ROOT, model_settings, validate
+from ferlib import NUM_CLASSES, PROJECT_ROOT
+from ferlib.config import validate
 from ferlib.data import FERData
 from ferlib.models import augmentation_layers, build_model
 from ferlib.runs import read_json
-from ferlib.train import (epoch_order, learning_rate_at, predict_proba, reseed_generators,
-                          count_test_scorings, train, train_cv)
+from ferlib.artifacts import Run
+from ferlib.inference import predict_proba
+from ferlib.train import (epoch_order, learning_rate_at, reseed_generators,
+                          train, train_cv)
 
 # Keras' TensorFlow backend calls np.array(tensor, copy=False) internally (NumPy 2 warns).
 pytestmark = pytest.mark.filterwarnings(
@@ -92,12 +94,14 @@ def trained(tmp_path_factory, data):
 
 # ----------------------------------------------------------------------------- artifacts
 
+@pytest.mark.train
 def test_two_epochs_lower_the_training_loss(trained):
     history = history_of(trained["out"])
     # Epoch means of the training loss; with this signal epoch 2 is ~0.25 lower (seeds 0-3).
     assert history["loss"].iloc[1] < history["loss"].iloc[0]
 
 
+@pytest.mark.train
 def test_training_writes_every_artifact(trained, data):
     out, result = trained["out"], trained["result"]
     history = history_of(out)
@@ -107,6 +111,9 @@ def test_training_writes_every_artifact(trained, data):
 
     timing = pd.read_csv(out / "timing.csv")
     assert {"seconds", "images_per_second"} <= set(timing.columns) and len(timing) == 2
+    # `ferlib train` alone leaves a complete model folder: calibrated on PublicTest too.
+    calibration = read_json(out / "calibration.json")
+    assert calibration["fitted_on"] == "PublicTest" and calibration["temperature"] > 0
     assert (timing[["seconds", "images_per_second"]] > 0).all().all()
 
     x_val, y_val = data.subset("val")
@@ -148,6 +155,7 @@ def test_training_writes_every_artifact(trained, data):
     assert read_json(out / "state.json")["finished"] is True
 
 
+@pytest.mark.train
 def test_second_call_skips(trained, data):
     out = trained["out"]
     before = {path.name: (path.stat().st_mtime_ns, path.read_bytes())
@@ -164,6 +172,7 @@ def test_second_call_skips(trained, data):
     assert elapsed < max(2.0, trained["seconds"] / 2), f"skipping took {elapsed:.1f}s"
 
 
+@pytest.mark.train
 def test_changed_settings_move_the_old_run_aside(trained, data, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(trained["run_dir"], run_dir)
@@ -184,9 +193,10 @@ def test_changed_settings_move_the_old_run_aside(trained, data, tmp_path, capsys
     assert read_json(out / "metrics.json") == result
     assert result["stopped_reason"] == "completed"
     # The replaced run's look at PrivateTest still counts.
-    assert result["privatetest_scorings"] == 2 == count_test_scorings(run_dir, "alexnet")
+    assert result["privatetest_scorings"] == 2 == Run(run_dir).count_test_scorings("alexnet")
 
 
+@pytest.mark.train
 def test_changed_training_code_moves_the_old_run_aside(trained, data, tmp_path, monkeypatch,
                                                       capsys):
     run_dir = tmp_path / "run"
@@ -304,6 +314,7 @@ def resumed(tmp_path_factory, data):
     return {"out": out, "before": before, "result": result}
 
 
+@pytest.mark.train
 def test_resume_after_kill_9_lists_every_epoch_once(resumed):
     out, before = resumed["out"], resumed["before"]
     completed = len(before["history"])
@@ -323,6 +334,7 @@ def test_resume_after_kill_9_lists_every_epoch_once(resumed):
     assert keras.models.load_model(out / "best.keras") is not None
 
 
+@pytest.mark.train
 def test_resumed_history_keeps_the_column_order(resumed, trained):
     out = resumed["out"]
     assert list(history_of(out).columns) == HISTORY_COLUMNS
@@ -332,6 +344,7 @@ def test_resumed_history_keeps_the_column_order(resumed, trained):
 
 # ----------------------------------------------------------------------------- stopping
 
+@pytest.mark.train
 def test_budget_stops_after_one_epoch(tmp_path, data):
     params = make_params({"epochs": 5, "budget_minutes": 0.002})
     result = train("alexnet", data, params, tmp_path, progress=False)
@@ -343,6 +356,7 @@ def test_budget_stops_after_one_epoch(tmp_path, data):
     assert history_of(out)["epoch"].tolist() == [1]
 
 
+@pytest.mark.train
 def test_early_stopping_when_validation_stops_improving(tmp_path):
     # Black images and a zero learning rate: every logit is exactly 0 (convolutions and dense
     # layers have no bias, BatchNorm's beta stays 0), so validation accuracy is the same in
@@ -439,6 +453,7 @@ def test_reseeding_sets_every_generator_from_seed_and_epoch():
     assert states() == epoch3
 
 
+@pytest.mark.train
 def test_interrupted_deterministic_run_resumes_exactly(tmp_path, data, monkeypatch):
     """Stopped after epoch 2 and started again, a run gives the per-epoch losses of the run
     that was never interrupted: same orders, augmentations, dropout masks and optimizer."""
@@ -467,6 +482,7 @@ def test_interrupted_deterministic_run_resumes_exactly(tmp_path, data, monkeypat
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.train
 def test_a_slow_first_epoch_does_not_change_the_plan(tmp_path, data, monkeypatch):
     """Profiles fix epochs: the cosine plan and the number of epochs trained do not depend
     on how fast the machine is (here the first epoch pretends to take 20 minutes)."""
@@ -491,6 +507,7 @@ def test_a_slow_first_epoch_does_not_change_the_plan(tmp_path, data, monkeypatch
 
 # ----------------------------------------------------------------------------- cross-validation
 
+@pytest.mark.train
 def test_train_cv_two_folds(tmp_path, data):
     params = make_params({"epochs": 1}, cv_folds=2)
     summary = train_cv("alexnet", data, params, tmp_path, progress=False)
@@ -550,6 +567,7 @@ def test_mixup_cutmix_batches_mix_labels(data):
     assert (y.max(axis=1) < 1 - 1e-6).any(), "MixUp / CutMix should mix the labels"
 
 
+@pytest.mark.train
 def test_mixup_cutmix_training_runs(tmp_path, data):
     params = make_params({"epochs": 1}, augment={"mixup": 1.0, "cutmix": 1.0})
     result = train("alexnet", data, params, tmp_path, progress=False)
@@ -570,6 +588,7 @@ def write_challenge_csv(path: Path, data: FERData) -> Path:
     return path
 
 
+@pytest.mark.train
 def test_profile_runner_resumes_after_kill_mid_epoch(tmp_path):
     """``python -m ferlib train --profile P`` killed with SIGKILL during an epoch and started
     again continues from its last completed epoch: every epoch once in history.csv."""
@@ -625,6 +644,7 @@ def test_profile_runner_resumes_after_kill_mid_epoch(tmp_path):
     assert f"{epochs}/{epochs}" in status.stdout and "finished: epoch cap" in status.stdout
 
 
+@pytest.mark.train
 def test_cv_folds_can_train_separately_and_merge_when_all_are_done(tmp_path, data):
     params = make_params({"epochs": 1}, cv_folds=2)
     assert train_cv("alexnet", data, params, tmp_path, progress=False, folds=[2]) is None
