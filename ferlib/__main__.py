@@ -1,12 +1,16 @@
-"""Command line: ``python -m ferlib <command>`` (report, train, status, evaluate, predict, export,
-data-summary)."""
+"""Command line: ``python -m ferlib <command>`` (report, train, search, status, results,
+evaluate, predict, export, data-summary). Every command's options are declared here; the
+work is done by the library modules."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+
+from ferlib import apply, export
 
 
 def _data_summary(args) -> int:
@@ -104,6 +108,214 @@ def _report(args) -> int:
                   reports_root=args.reports_root, force=args.force)
 
 
+# ----------------------------------------------------------------------------- evaluate, predict
+
+def _evaluate_command(args) -> int:
+    result = apply.evaluate(args.model, args.data, out=args.out,
+                            class_map=apply.parse_class_map(args.class_map), tta=args.tta,
+                            n_boot=args.bootstrap, seed=args.seed,
+                            calibration=args.calibration)
+    print(apply.format_evaluation(result))
+    return 0
+
+
+VIDEO_OPTIONS = ("every", "out", "annotate_video", "smooth")
+IMAGE_OPTIONS = {"annotate": "--annotate (use --annotate-video)", "explain": "--explain",
+                 "detect": "--no-detect"}
+
+
+def _predict_video_command(args) -> int:
+    from ferlib.video import VideoError, format_video_summary, predict_video
+
+    if args.camera is not None and args.images:
+        raise ValueError("predict: give either --camera N or files, not both")
+    if args.camera is None and len(args.images) > 1:
+        raise ValueError("predict: a video is classified on its own; give one video per "
+                         "command (or only images)")
+    used = [text for option, text in IMAGE_OPTIONS.items()
+            if getattr(args, option) not in (None, True)]
+    if used:
+        raise ValueError(f"predict: {', '.join(used)}: only for images, not for a video")
+    source = args.camera if args.camera is not None else args.images[0]
+    try:
+        summary = predict_video(source, args.model,
+                                every=1 if args.every is None else args.every, out=args.out,
+                                annotate_video=args.annotate_video,
+                                smooth=1 if args.smooth is None else args.smooth,
+                                calibration=args.calibration)
+    except VideoError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2) if args.json else format_video_summary(summary))
+    return 0
+
+
+def _predict_command(args) -> int:
+    if args.camera is not None or any(_is_video(path) for path in args.images):
+        return _predict_video_command(args)
+    if not args.images:
+        raise ValueError("predict: give image files or folders, a video, or --camera N")
+    given = [f"--{option.replace('_', '-')}" for option in VIDEO_OPTIONS
+             if getattr(args, option) is not None]
+    if given:
+        raise ValueError(f"predict: {', '.join(given)}: only for a video or --camera, not for "
+                         f"images")
+    results = apply.predict(args.images, args.model, detect=args.detect, top=args.top,
+                            annotate=args.annotate, calibration=args.calibration,
+                            explain=args.explain, explain_method=args.explain_method)
+    failed = [result for result in results if "error" in result]
+    for result in failed:
+        print(f"error: {apply.format_prediction(result)}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            if "error" not in result:
+                print(apply.format_prediction(result))
+    if failed:
+        print(f"{len(results) - len(failed)} of {len(results)} images processed, "
+              f"{len(failed)} unreadable", file=sys.stderr)
+    return 1 if len(failed) == len(results) else 0
+
+
+def _is_video(path) -> bool:
+    from ferlib.video import is_video
+
+    return is_video(path)
+
+
+def _add_apply_commands(commands) -> None:
+    """Add the ``evaluate`` and ``predict`` commands to ``python -m ferlib``.
+
+    Parameters
+    ----------
+    commands : argparse subparsers object
+        From ``parser.add_subparsers()``; each command sets ``handler``.
+    """
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="score a saved model on a labelled dataset (CSV, folder or zip)",
+        description="Score a saved model on every image of a labelled dataset; print metrics "
+                    "with bootstrap 95%% CIs and write metrics.json and confusion_matrix.png.")
+    evaluate_parser.add_argument("--model", required=True, action="append",
+                                 help="a .keras model, e.g. runs/quick/models/alexnet/best.keras;"
+                                      " repeat it to evaluate the ensemble of several (the mean "
+                                      "of their probabilities)")
+    evaluate_parser.add_argument("--data", required=True, help="FER2013 CSV, image folder "
+                                 "(train/<class>/, test/<class>/ or <class>/) or a zip of one")
+    evaluate_parser.add_argument("--out", default="evaluation",
+                                 help="folder for metrics.json and confusion_matrix.png "
+                                      "(default: ./evaluation)")
+    evaluate_parser.add_argument("--class-map", metavar="FOLDER=EMOTION,...",
+                                 help="extra class-folder names, e.g. contempt=disgust,joy=happy")
+    evaluate_parser.add_argument("--tta", action="store_true",
+                                 help="average predictions over each image and its mirror")
+    evaluate_parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                                 help="bootstrap resamples for the CIs (default 1000; 0: none)")
+    evaluate_parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    evaluate_parser.add_argument("--no-calibration", dest="calibration", action="store_false",
+                                 help="ignore the temperature in calibration.json beside the "
+                                      "model (default: use it when present)")
+    evaluate_parser.set_defaults(handler=_evaluate_command)
+
+    predict_parser = commands.add_parser(
+        "predict", help="classify the faces in images, a video or a camera with a saved model",
+        description="Find faces (OpenCV Haar cascade), classify each and print the most likely "
+                    "emotions. For a video (or --camera N): sample frames, track faces, write "
+                    "per-frame rows and print the share of time per emotion. Exit code 1 only "
+                    "if no image could be read, or the video or camera cannot be read.")
+    predict_parser.add_argument("images", nargs="*", metavar="IMAGE_DIR_OR_VIDEO",
+                                help="image files or folders (searched recursively), or one "
+                                     "video file (.mp4, .avi, .mov, .mkv, .webm or any other "
+                                     "file OpenCV reads)")
+    predict_parser.add_argument("--model", required=True, action="append",
+                                help="a .keras model; repeat it for an ensemble (the mean of "
+                                     "their probabilities; --explain shows the first one's "
+                                     "saliency)")
+    predict_parser.add_argument("--no-detect", dest="detect", action="store_false",
+                                help="treat each whole image as an already cropped face")
+    predict_parser.add_argument("--json", action="store_true",
+                                help="print JSON: a list of results per image, or a video's "
+                                     "summary")
+    predict_parser.add_argument("--annotate", metavar="OUT",
+                                help="folder for copies of the images with boxes and labels")
+    predict_parser.add_argument("--top", type=int, default=3,
+                                help="emotions shown per face (default 3)")
+    predict_parser.add_argument("--no-calibration", dest="calibration", action="store_false",
+                                help="ignore the temperature in calibration.json beside the "
+                                     "model (default: use it when present)")
+    predict_parser.add_argument("--explain", metavar="OUT",
+                                help="folder for one PNG per face: the crop beside its "
+                                     "saliency map for the top emotion")
+    predict_parser.add_argument("--explain-method", default="auto",
+                                choices=("auto", "grad_cam", "occlusion"),
+                                help="saliency method for --explain (default auto: Grad-CAM)")
+    video = predict_parser.add_argument_group("video and camera")
+    video.add_argument("--camera", type=int, metavar="N",
+                       help="read camera N (0: the first) instead of files, until Ctrl-C")
+    video.add_argument("--every", type=int, metavar="N",
+                       help="classify every Nth frame (default 1: all)")
+    video.add_argument("--out", metavar="FILE",
+                       help="rows.csv or rows.jsonl: one row per sampled frame and face "
+                            "(frame, time_s, track, x, y, w, h, the 7 probabilities, emotion)")
+    video.add_argument("--annotate-video", metavar="FILE",
+                       help="copy of the sampled frames with boxes, track ids and emotions "
+                            "(.mp4 or .avi)")
+    video.add_argument("--smooth", type=int, metavar="K",
+                       help="average each face track's probabilities over its last K "
+                            "samples (default 1: none)")
+    predict_parser.set_defaults(handler=_predict_command)
+
+
+# ----------------------------------------------------------------------------- export
+
+def _export_command(args) -> int:
+    labels = export.export_model(args.model, args.out, args.format,
+                                 calibration=args.calibration, data=args.data,
+                                 synthetic=args.synthetic, images=args.images)
+    print(export.format_export(labels, args.out))
+    if not labels["parity"]["passed"]:
+        print(f"error: parity check failed: the {args.format} model's probabilities differ "
+              f"from Keras' (see 'parity' in {Path(args.out) / export.LABELS_FILE}); the "
+              f"artifact is "
+              f"kept for inspection, do not ship it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_export_commands(commands) -> None:
+    """Add the ``export`` command to ``python -m ferlib``.
+
+    Parameters
+    ----------
+    commands : argparse subparsers object
+        From ``parser.add_subparsers()``; each command sets ``handler``.
+    """
+    parser = commands.add_parser(
+        "export", help="export a saved model to ONNX, LiteRT or a SavedModel, with parity check",
+        description="Write an inference-only copy of a saved model (uint8 (batch, 48, 48, 1) "
+                    "faces -> 7 probabilities) with Keras' model.export, a labels.json beside "
+                    "it, and check it in its own runtime against Keras on 256 images. Exit "
+                    "code 1 if parity fails (max |difference| > 1e-4 or any top-1 "
+                    f"disagreement). ONNX needs the export extra: {export.INSTALL_HINT}")
+    parser.add_argument("--model", required=True,
+                        help="a .keras model, e.g. runs/quick/models/alexnet/best.keras")
+    parser.add_argument("--format", required=True, choices=tuple(export.FORMATS),
+                        help="onnx (model.onnx), litert (model.tflite) or saved_model "
+                             "(saved_model/)")
+    parser.add_argument("--out", default="exported",
+                        help="folder for the artifact and labels.json (default: ./exported)")
+    parser.add_argument("--no-calibration", dest="calibration", action="store_false",
+                        help="ignore the temperature in calibration.json beside the model "
+                             "(default: build it into the exported probabilities)")
+    parser.add_argument("--data", help="dataset for the parity check (default: FER2013 from "
+                                       "FER2013_PATH or data/, else synthetic faces)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="check parity on synthetic faces even if FER2013 is available")
+    parser.add_argument("--images", type=int, default=export.PARITY_IMAGES,
+                        help=f"parity images (default {export.PARITY_IMAGES})")
+    parser.set_defaults(handler=_export_command)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferlib", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,10 +376,8 @@ def main(argv=None) -> int:
     report_parser.add_argument("--force", action="store_true",
                                help="re-execute every notebook")
 
-    from ferlib import apply, export
-
-    apply.add_commands(commands)
-    export.add_commands(commands)
+    _add_apply_commands(commands)
+    _add_export_commands(commands)
 
     args = parser.parse_args(argv)
     try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import time
 import warnings
 from importlib import metadata
@@ -562,51 +561,3 @@ def format_export(labels: dict, out) -> str:
             f"top-1 agreement {parity['top1_agreement']:.2%}: "
             f"{'PASS' if parity['passed'] else 'FAIL'}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- command line
-
-def _export_command(args) -> int:
-    labels = export_model(args.model, args.out, args.format, calibration=args.calibration,
-                          data=args.data, synthetic=args.synthetic, images=args.images)
-    print(format_export(labels, args.out))
-    if not labels["parity"]["passed"]:
-        print(f"error: parity check failed: the {args.format} model's probabilities differ "
-              f"from Keras' (see 'parity' in {Path(args.out) / LABELS_FILE}); the artifact is "
-              f"kept for inspection, do not ship it", file=sys.stderr)
-        return 1
-    return 0
-
-
-def add_commands(commands) -> None:
-    """Add the ``export`` command to ``python -m ferlib``.
-
-    Parameters
-    ----------
-    commands : argparse subparsers object
-        From ``parser.add_subparsers()``; each command sets ``handler``.
-    """
-    parser = commands.add_parser(
-        "export", help="export a saved model to ONNX, LiteRT or a SavedModel, with parity check",
-        description="Write an inference-only copy of a saved model (uint8 (batch, 48, 48, 1) "
-                    "faces -> 7 probabilities) with Keras' model.export, a labels.json beside "
-                    "it, and check it in its own runtime against Keras on 256 images. Exit "
-                    "code 1 if parity fails (max |difference| > 1e-4 or any top-1 "
-                    f"disagreement). ONNX needs the export extra: {INSTALL_HINT}")
-    parser.add_argument("--model", required=True,
-                        help="a .keras model, e.g. runs/quick/models/alexnet/best.keras")
-    parser.add_argument("--format", required=True, choices=tuple(FORMATS),
-                        help="onnx (model.onnx), litert (model.tflite) or saved_model "
-                             "(saved_model/)")
-    parser.add_argument("--out", default="exported",
-                        help="folder for the artifact and labels.json (default: ./exported)")
-    parser.add_argument("--no-calibration", dest="calibration", action="store_false",
-                        help="ignore the temperature in calibration.json beside the model "
-                             "(default: build it into the exported probabilities)")
-    parser.add_argument("--data", help="dataset for the parity check (default: FER2013 from "
-                                       "FER2013_PATH or data/, else synthetic faces)")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="check parity on synthetic faces even if FER2013 is available")
-    parser.add_argument("--images", type=int, default=PARITY_IMAGES,
-                        help=f"parity images (default {PARITY_IMAGES})")
-    parser.set_defaults(handler=_export_command)

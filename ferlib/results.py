@@ -484,14 +484,12 @@ def reliability_curves(result: ModelResult, temperature: float, bins: int = 15) 
 def saliency_source(result: ModelResult):
     """(the trained Keras model whose saliency a report shows, its PrivateTest labels and
     probabilities, a note): the model itself, or fold 1's model for a cross-validated one."""
-    import keras
-
-    import ferlib.models  # noqa: F401  (registers the custom layers)
+    from ferlib.inference import load_model
 
     source = result.folds[0] if result.folds else result
     note = " (fold 1's model; the k-fold ensemble has no single network)" if result.folds else ""
     labels, proba = source.test()
-    return keras.models.load_model(source.model_file), labels, proba, note
+    return load_model(source.model_file), labels, proba, note
 
 
 def fit_ensemble_weights(results: dict[str, ModelResult]) -> dict[str, float]:
