@@ -126,22 +126,44 @@ def step_modules(notebook_name: str) -> tuple[str, ...]:
     return module_closure(imported)
 
 
-def upstream_results(params: dict, step: str, extra: dict) -> list[str]:
-    """Result files (relative to the run directory) whose content a step's report shows.
+def step_artifacts(params: dict, step: str, extra: dict) -> dict[str, list[str]]:
+    """The run files (relative to the run directory) a step reads and writes.
 
-    A train step shows its model's results (which may have been trained outside the
-    pipeline, e.g. with ``ferlib train`` or on a GPU box); the compare step shows every
-    model's; the preprocessing step shows the recipe searches. With ``cv_folds`` set, a
-    model's result is its cross-validation summary.
+    ``reads`` are what its page shows and so part of its fingerprint: a train step shows its
+    model's results (which may have been trained outside the pipeline, e.g. with ``ferlib
+    train`` or on a GPU box), the compare step every model's, the preprocessing step the
+    recipe searches. ``writes`` say where a step's own files go (a trailing ``/``: a folder). With ``cv_folds`` set, a model's result is its
+    cross-validation summary.
     """
-    from ferlib.artifacts import SEARCH_STORAGE
+    from ferlib import artifacts
 
-    if step == "02_preprocess":
-        return [SEARCH_STORAGE]  # the recipe searches that its page shows
-    models = (list(params["models"]) if step == "04_compare" else
-              [extra["model"]] if "model" in extra else [])
     run = Run(Path("."))
-    return [run.result_file(model, params.get("cv_folds")).as_posix() for model in models]
+
+    def results(models):
+        return [run.result_file(model, params.get("cv_folds")).as_posix() for model in models]
+
+    if step == "01_eda":
+        return {"reads": [], "writes": [artifacts.EDA]}
+    if step == "02_preprocess":
+        return {"reads": [artifacts.SEARCH_STORAGE],
+                "writes": [artifacts.SPLIT, artifacts.DATA_SUMMARY]
+                + ([artifacts.FOLDS] if params.get("cv_folds") else [])}
+    if step.startswith("03_train"):
+        model = extra["model"]
+        return {"reads": results([model]),
+                "writes": [run.model(model).directory.as_posix() + "/",
+                           run.mean_maps(model).as_posix()]}
+    if step == "04_compare":
+        return {"reads": results(params["models"]),
+                "writes": [(run.compare / name).as_posix()
+                           for name in artifacts.COMPARE_TABLES.values()]}
+    raise ValueError(f"step {step!r}: unknown; expected one of 01_eda, 02_preprocess, "
+                     f"03_train_<model>, 04_compare")
+
+
+def upstream_results(params: dict, step: str, extra: dict) -> list[str]:
+    """What a step reads (:func:`step_artifacts`): the inputs of its fingerprint."""
+    return step_artifacts(params, step, extra)["reads"]
 
 
 def _file_digest(path: Path) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ferlib import EMOTIONS, metrics, paper
+from ferlib import EMOTIONS, PROJECT_ROOT, metrics, paper
 from ferlib.artifacts import (ENSEMBLE_SIGNIFICANCE, SIGNIFICANCE,
                               ModelResult, Run, load_results)
 from ferlib.runs import converged_by_curve, read_json
@@ -326,7 +326,7 @@ def conclusion(summary: pd.DataFrame, significance: pd.DataFrame,
     return "\n".join(lines)
 
 
-PEER_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "peer_fer.json"
+PEER_FILE = PROJECT_ROOT / "benchmarks" / "peer_fer.json"
 
 
 def peer_result(num_test_images: int, path: Path = PEER_FILE) -> dict | None:
@@ -382,7 +382,7 @@ def differences_from_paper(params: dict, models: dict[str, ModelResult]) -> str:
     return "\n".join(lines)
 
 
-EXPERIMENTS_FILE = Path(__file__).resolve().parent.parent / "params" / "experiments.csv"
+EXPERIMENTS_FILE = PROJECT_ROOT / "params" / "experiments.csv"
 EXPERIMENT_COLUMNS = ["profile", "model", "what was tried", "epochs", "PublicTest accuracy",
                       "kept", "note"]
 

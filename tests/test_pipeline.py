@@ -103,6 +103,20 @@ def test_step_modules_skip_missing_files_and_cover_the_notebooks_imports():
         pipeline.step_modules("99_unknown.ipynb")
 
 
+def test_every_step_declares_what_it_reads_and_writes():
+    params = load_params("smoke")
+    declared = {step: pipeline.step_artifacts(params, step, extra)
+                for step, _, extra in pipeline.plan(params)}
+    assert declared["01_eda"] == {"reads": [], "writes": ["eda.json"]}
+    assert declared["02_preprocess"]["reads"] == ["search/studies.db"]
+    assert declared["03_train_vit"]["writes"][0] == "models/vit/"
+    assert declared["04_compare"]["reads"] == [f"models/{name}/metrics.json"
+                                               for name in params["models"]]
+    assert "compare/summary.csv" in declared["04_compare"]["writes"]
+    with pytest.raises(ValueError, match="unknown"):
+        pipeline.step_artifacts(params, "05_extra", {})
+
+
 def test_upstream_results_follow_cross_validation(tmp_path):
     params = load_params("smoke")
     assert pipeline.upstream_results(params, "03_train_vit", {"model": "vit"}) == [
