@@ -45,6 +45,10 @@ def _train(args) -> int:
     from ferlib.train import train, train_cv
 
     params = load_params(args.profile, parse_overrides(args.set))
+    from ferlib.config import model_settings
+
+    for name in args.model or params["models"]:
+        model_settings(params, name)  # an unknown model name fails here, before any data loads
     if args.fold and not params["cv_folds"]:
         raise ValueError("--fold: this profile trains on the official split (cv_folds: 0); "
                          "set cv_folds, e.g. --set cv_folds=5")
@@ -317,7 +321,12 @@ def _add_export_commands(commands) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferlib", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m ferlib", description=__doc__,
+        epilog="Exit codes: 0 done, 2 a mistake in the input (arguments, profile, data or model "
+               "file), 1 the work failed (e.g. parity, disk). --debug shows the traceback.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks and the backend's start-up messages")
     commands = parser.add_subparsers(dest="command", required=True)
 
     summary = commands.add_parser("data-summary", help="per-split, per-class counts, "
@@ -383,10 +392,34 @@ def main(argv=None) -> int:
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, export.MissingDependencyError) as error:
+        if args.debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except RuntimeError as error:
+        from ferlib.artifacts import RunBusy
+
+        if args.debug or not isinstance(error, RunBusy):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except OSError as error:  # a full disk, a read-only folder, a permission
+        if args.debug:
+            raise
+        path = f" {error.filename}" if error.filename else ""
+        print(f"error:{path}: {error.strerror or error} (free space or fix the permissions, "
+              f"then rerun: finished work is kept)", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+EXIT_INPUT = 2     # a mistake in what was asked: arguments, a profile, a data or model file
+EXIT_RUNTIME = 1   # the work could not be done: a failed parity check, a full disk, ...
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "--debug" not in sys.argv:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no backend start-up chatter
     sys.exit(main())

@@ -23,7 +23,10 @@ and read results with :func:`load_result` / :func:`load_results`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -62,6 +65,10 @@ STATE = "state.json"
 CALIBRATION = "calibration.json"
 CV_METRICS = "cv_metrics.json"
 CV_PREDICTIONS = "cv_predictions.npz"
+
+
+class RunBusy(RuntimeError):
+    """Another process holds the run's lock: one line naming it (pid, host, since when)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +177,38 @@ class Run:
         """The file whose presence says a model's training (or cross-validation) finished."""
         model = self.model(name)
         return model.cv_metrics if cv_folds else model.metrics
+
+    @contextlib.contextmanager
+    def lock(self, name: str, part: str | None = ""):
+        """Hold the one-writer lock of a model's training (``filelock``: an OS lock, so the
+        lock of a process that died, even by ``kill -9``, is free again at once).
+
+        Raises
+        ------
+        RunBusy
+            When another process holds it; the message names that process.
+        """
+        from filelock import FileLock, Timeout
+
+        label = f"{name}/{part}" if part else name
+        path = self.directory / "models" / f".{label.replace('/', '.')}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        holder = path.with_suffix(".holder.json")
+        lock = FileLock(str(path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            who = read_json(holder, {}) if holder.exists() else {}
+            raise RunBusy(f"{label} is being trained by another process (pid "
+                          f"{who.get('pid', '?')} on {who.get('host', '?')} since "
+                          f"{who.get('since', '?')}); wait for it to finish, or stop it and "
+                          f"rerun to resume (lock: {path})") from None
+        try:
+            write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
+                                "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            yield
+        finally:
+            lock.release()
 
     # ------------------------------------------------------------------- PrivateTest ledger
 

@@ -131,6 +131,54 @@ SCHEMA = {
 }
 
 
+# Allowed ranges, by setting name (the same name means the same thing in every section), and
+# by full path where one section differs. (low, high, low included, high included); None: open.
+AT_LEAST_1 = (1, None, True, True)
+AT_LEAST_0 = (0, None, True, True)
+POSITIVE = (0, None, False, True)
+FRACTION = (0, 1, True, True)
+BELOW_1 = (0, 1, True, False)
+RANGES = {
+    "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "learning_rate": POSITIVE,
+    "weight_decay": AT_LEAST_0, "momentum": BELOW_1, "warmup_epochs": AT_LEAST_0,
+    "min_learning_rate": AT_LEAST_0, "plateau_factor": (0, 1, False, True),
+    "plateau_patience": AT_LEAST_1, "label_smoothing": BELOW_1,
+    "early_stopping_patience": AT_LEAST_1, "budget_minutes": POSITIVE,
+    "rotation": FRACTION, "translation": FRACTION, "zoom": FRACTION, "erasing": FRACTION,
+    "mixup": FRACTION, "cutmix": FRACTION, "input_size": (8, None, True, True),
+    "width": POSITIVE, "dense_units": AT_LEAST_1, "dropout_rate": BELOW_1,
+    "attention_dropout": BELOW_1, "bn_momentum": BELOW_1, "patch_size": AT_LEAST_1,
+    "num_layers": AT_LEAST_1, "num_heads": AT_LEAST_1, "hidden_dim": AT_LEAST_1,
+    "mlp_dim": AT_LEAST_1, "stem_layers": AT_LEAST_1, "seed": AT_LEAST_0,
+    "val_fraction": BELOW_1, "bootstrap_samples": AT_LEAST_0,
+    "misclassified_examples": AT_LEAST_0, "trials": AT_LEAST_1, "train_images": AT_LEAST_1,
+    "startup_trials": AT_LEAST_0, "heartbeat_seconds": AT_LEAST_1, "threshold": FRACTION,
+}
+PATH_RANGES = {
+    "model_params.resnet50v2.dense_units": AT_LEAST_0,   # 0: no hidden layer in the head
+    "search.warmup_epochs": AT_LEAST_0,
+}
+
+
+def _check_range(path: str, value) -> None:
+    """One line naming the key, its value and the allowed range, for an out-of-range number."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    parts = path.split(".")
+    # train_overrides.<model>.<key> and augment_overrides.<model>.<key> mean train.<key>...
+    spec = PATH_RANGES.get(path) or PATH_RANGES.get(".".join(parts[-2:])) \
+        or RANGES.get(parts[-1])
+    if spec is None:
+        return
+    low, high, low_in, high_in = spec
+    too_low = low is not None and (value < low if low_in else value <= low)
+    too_high = high is not None and (value > high if high_in else value >= high)
+    if too_low or too_high:
+        left = "" if low is None else f"{low} {'<=' if low_in else '<'} "
+        right = "" if high is None else f" {'<=' if high_in else '<'} {high}"
+        raise ValueError(f"{path}: {value!r} is out of range; expected {left}{parts[-1]}{right}")
+
+
 def _type_name(expected) -> str:
     if isinstance(expected, tuple) and all(isinstance(e, str) for e in expected):
         return "one of " + ", ".join(expected)
@@ -172,6 +220,7 @@ def _validate(values: dict, schema: dict, where: str, partial: bool) -> dict:
                              f"got {type(value).__name__} {value!r}")
         if isinstance(expected, tuple) and float in expected and isinstance(value, int):
             value = float(value)
+        _check_range(path, value)
         result[key] = value
     return result
 
@@ -191,6 +240,17 @@ def validate(params: dict) -> dict:
                                  f"to an integer, got {split}: {limit!r}")
     if resolved["cv_folds"] == 1 or resolved["cv_folds"] < 0:
         raise ValueError("cv_folds: expected 0 (official split) or at least 2")
+    for name in ("vit", "vit_conv"):
+        model = resolved["model_params"][name]
+        if model["input_size"] % model["patch_size"]:
+            raise ValueError(f"model_params.{name}.patch_size: {model['patch_size']} does not "
+                             f"divide input_size {model['input_size']}")
+        if model["patch_size"] % 2 ** model.get("stem_layers", 0):
+            raise ValueError(f"model_params.{name}.patch_size: {model['patch_size']} is not a "
+                             f"multiple of 2**stem_layers ({2 ** model['stem_layers']})")
+        if model["hidden_dim"] % model["num_heads"]:
+            raise ValueError(f"model_params.{name}.hidden_dim: {model['hidden_dim']} does not "
+                             f"split into {model['num_heads']} heads (num_heads)")
     _validate_search(resolved)
     return resolved
 
@@ -353,14 +413,32 @@ def profile_path(profile: str) -> Path:
     return path
 
 
+def read_profile_yaml(path: Path) -> dict:
+    """A profile file as a mapping; YAML mistakes are one line with the file, line and column."""
+    try:
+        with open(path) as handle:
+            raw = load_yaml(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of settings (key: value lines), got a "
+                         f"{type(raw).__name__}")
+    return raw
+
+
 def load_params(profile: str = "smoke", overrides: dict | None = None) -> dict:
     """Load ``params/<profile>.yaml``, apply ``overrides`` (nested dict), validate.
 
     The data path is resolved here: ``FER2013_PATH`` beats the file; relative paths are taken
     from the project root.
     """
-    with open(profile_path(profile)) as handle:
-        raw = load_yaml(handle) or {}
+    path = profile_path(profile)
+    raw = read_profile_yaml(path)
     raw.setdefault("profile", Path(profile).stem)
     from ferlib.data import resolve_data_path
 

@@ -470,22 +470,30 @@ class _QuietStream:
         return getattr(self.stream, name)
 
 
+def partial_notebook(output: Path) -> Path:
+    """Where a step's notebook is executed: renamed to ``output`` only once it finished, so a
+    step killed mid-notebook is never taken for a finished one."""
+    return output.with_name(f"{output.stem}.partial{output.suffix}")
+
+
 def execute(step: str, notebook: Path, output: Path, parameters: dict) -> None:
     """Run one notebook with papermill, streaming its output (minus backend noise)."""
     import papermill
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_notebook(output)
     with contextlib.redirect_stderr(_QuietStream(sys.stderr)), \
             contextlib.redirect_stdout(_QuietStream(sys.stdout)):
         try:
-            papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
+            papermill.execute_notebook(str(notebook), str(partial), parameters=parameters,
                                        log_output=True, progress_bar=False,
                                        cwd=str(NOTEBOOKS_DIR), kernel_name="python3")
         except papermill.PapermillExecutionError as error:
             raise StepFailed(f"step {step} failed in {notebook.name}, cell {error.exec_count}: "
                              f"{error.ename}: {error.evalue}\n"
-                             f"The partially executed notebook is {output}; earlier artifacts "
+                             f"The partially executed notebook is {partial}; earlier artifacts "
                              f"are kept, rerun to resume.") from error
+    os.replace(partial, output)
 
 
 def report(profile: str = "quick", *, overrides: list[str] | None = None,

@@ -376,7 +376,18 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
     -------
     dict
         The content of ``metrics.json``.
+
+    Raises
+    ------
+    ferlib.artifacts.RunBusy
+        Another process is training the same model into the same run directory.
     """
+    with Run(run_dir).lock(model_name, subdir):  # one writer per model run
+        return _train_unlocked(model_name, data, params, run_dir, progress=progress,
+                               subdir=subdir, on_epoch=on_epoch)
+
+
+def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_epoch) -> dict:
     import keras
 
     import ferlib.models  # noqa: F401  (registers custom layers for loading checkpoints)

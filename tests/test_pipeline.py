@@ -418,8 +418,10 @@ def test_failing_step_names_the_notebook(fixture_dataset, tmp_path, capsys, monk
     assert code == 1
     error = capsys.readouterr().err
     assert "01_eda" in error and "planted failure" in error
-    partial = tmp_path / "runs" / "smoke" / "notebooks" / "01_eda.ipynb"
+    partial = tmp_path / "runs" / "smoke" / "notebooks" / "01_eda.partial.ipynb"
     assert str(partial) in error and partial.exists()
+    # never under the finished name: the next run re-executes the step
+    assert not (tmp_path / "runs" / "smoke" / "notebooks" / "01_eda.ipynb").exists()
     assert (tmp_path / "runs" / "smoke" / "params.yaml").exists()  # earlier artifacts kept
 
 

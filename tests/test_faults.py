@@ -1,0 +1,95 @@
+"""Faults a careful user or a hostile tester meets: a second writer on one run, a dead lock
+holder, out-of-range settings, broken profile files, ordinary CLI mistakes. Each is one clear
+line and leaves the run usable."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ferlib import PROJECT_ROOT
+from ferlib.__main__ import main
+from ferlib.artifacts import Run, RunBusy
+from ferlib.config import validate
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from ferlib.artifacts import Run
+    with Run(sys.argv[1]).lock("alexnet"):
+        print("locked", flush=True)
+        time.sleep(600)
+""")
+
+
+@pytest.mark.train
+def test_a_second_writer_is_refused_with_the_holder_named_and_the_run_stays_usable(tmp_path):
+    from test_train import make_params, synthetic_data
+
+    data, params = synthetic_data(), make_params()
+    run = Run(tmp_path / "run")
+    with run.lock("alexnet"):
+        with pytest.raises(RunBusy, match=rf"alexnet is being trained by another process "
+                                          rf"\(pid {os.getpid()} on "):
+            from ferlib.train import train
+
+            train("alexnet", data, params, run.directory, progress=False)
+    assert not run.model("alexnet").state.exists()  # refused before touching any file
+    result = train("alexnet", data, params, run.directory, progress=False)
+    assert result["epochs_run"] == 2
+
+
+def test_the_lock_of_a_killed_process_is_free_at_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunBusy, match=f"pid {holder.pid}"):
+        with Run(tmp_path).lock("alexnet"):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    with Run(tmp_path).lock("alexnet"):  # taken over: the OS released the dead holder's lock
+        pass
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"train": {"epochs": 0}}, "train.epochs: 0 is out of range"),
+    ({"train": {"epochs": -1}}, "train.epochs: -1 is out of range"),
+    ({"train": {"batch_size": 0}}, "train.batch_size: 0 is out of range"),
+    ({"train": {"learning_rate": 0}}, "train.learning_rate: 0.0 is out of range"),
+    ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing: 1.0 is out of range"),
+    ({"train_overrides": {"vit": {"warmup_epochs": -1}}}, "train_overrides.vit.warmup_epochs"),
+    ({"augment": {"rotation": 2.0}}, "augment.rotation: 2.0 is out of range"),
+    ({"augment": {"mixup": -0.1}}, "augment.mixup: -0.1 is out of range"),
+    ({"model_params": {"alexnet": {"dropout_rate": 1.0}}}, "dropout_rate: 1.0 is out of range"),
+    ({"model_params": {"vit": {"patch_size": 5}}}, "patch_size: 5 does not divide"),
+    ({"model_params": {"vit": {"num_heads": 5}}}, "does not split into 5 heads"),
+    ({"data": {"val_fraction": 1.0}}, "data.val_fraction: 1.0 is out of range"),
+    ({"report": {"bootstrap_samples": -5}}, "report.bootstrap_samples: -5 is out of range"),
+])
+def test_out_of_range_values_are_one_error_naming_the_key(settings, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        validate(settings)
+
+
+def test_cli_errors_are_one_line_before_any_data_is_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FER2013_PATH", str(tmp_path / "no-such-data.zip"))  # never reached
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  epochs: 3\n   batch_size: 4\n")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- train\n- epochs\n")
+    cases = [(["train", "--profile", "smoke", "--model", "lenet"], "unknown model 'lenet'"),
+             (["train", "--profile", "smoke", "--set", "train.epochs=0"], "train.epochs: 0"),
+             (["train", "--profile", "smoke", "--set", "train.batch_size=0"], "batch_size: 0"),
+             (["status", "--profile", str(broken)], f"{broken}:3:14: not valid YAML"),
+             (["status", "--profile", str(listed)], "expected a mapping of settings")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
