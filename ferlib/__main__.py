@@ -72,6 +72,38 @@ def _status(args) -> int:
     table = progress_table(directory, params)
     print(f"{directory}:")
     print(table.astype(object).where(table.notna(), "-").to_string(index=False))
+    from ferlib.artifacts import Run
+
+    run = Run(directory)
+    for path in run.pending():
+        print(f"retraining (not live yet): {path.name}")
+    if run.moved_aside():
+        print(f"{len(run.moved_aside())} moved-aside run(s): python -m ferlib runs --profile "
+              f"{params['profile']} lists them, --prune removes them")
+    return 0
+
+
+def _runs(args) -> int:
+    import shutil
+
+    from ferlib.artifacts import Run
+    from ferlib.config import load_params, parse_overrides
+    from ferlib.runs import run_dir
+
+    params = load_params(args.profile, parse_overrides(args.set))
+    run = Run(args.run_dir or run_dir(params["profile"]))
+    aside, pending = run.moved_aside(), run.pending()
+    for path in pending:
+        print(f"retraining (not live yet): {path}")
+    for path in aside:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+        print(f"{'removing' if args.prune else 'moved aside'}: {path} ({size:.1f} MiB)")
+        if args.prune:
+            shutil.rmtree(path)
+    if not aside and not pending:
+        print(f"{run.directory}: no moved-aside or pending runs")
+    elif aside and not args.prune:
+        print("python -m ferlib runs --prune removes the moved-aside copies")
     return 0
 
 
@@ -356,12 +388,16 @@ def main(argv=None) -> int:
             ("status", _status, "epochs done, best PublicTest accuracy and ETA of each model of "
              "a profile's run (reads files only)"),
             ("results", _results, "the README's headline and significance tables (Markdown) of "
-             "a rendered run (reads files only)")):
+             "a rendered run (reads files only)"),
+            ("runs", _runs, "list a run's moved-aside (replaced) trainings and pending retrains; "
+             "--prune removes the moved-aside ones")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--profile", default="quick", help="params/<profile>.yaml")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         sub.add_argument("--run-dir", help="default: runs/<profile>")
         sub.set_defaults(handler=handler)
+    commands.choices["runs"].add_argument("--prune", action="store_true",
+                                          help="delete the moved-aside copies")
     search = commands.add_parser(
         "search", help="Optuna recipe search of one model on PublicTest (resumable; several "
         "processes or machines can share one --storage)")

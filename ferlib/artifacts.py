@@ -106,6 +106,10 @@ class ModelRun:
     def fold(self, k: int) -> "ModelRun":
         return ModelRun(self.directory / f"fold{k}")
 
+    def successor(self) -> "ModelRun":
+        """Where a retrain with changed settings or code trains until it replaces this one."""
+        return ModelRun(self.directory.with_name(f"{self.directory.name}.next"))
+
     def stale_copy(self) -> Path:
         """Where a replaced training is moved: ``<name>.stale-<date>`` beside it."""
         return self.directory.with_name(
@@ -142,6 +146,17 @@ class Run:
     def mean_maps(self, model_name: str) -> Path:
         """Mean saliency maps per class of one model (03_train writes, 04_compare reuses)."""
         return self.directory / "explain" / f"mean_maps_{model_name}.npy"
+
+    def moved_aside(self) -> list[Path]:
+        """Replaced trainings kept as ``<name>.stale-<date>`` (models and folds), oldest first."""
+        models = self.directory / "models"
+        return sorted([*models.glob("*.stale-*"), *models.glob("*/*.stale-*")],
+                      key=lambda path: path.name.rsplit(".stale-", 1)[-1])
+
+    def pending(self) -> list[Path]:
+        """Retrains in progress (``<name>.next``) that have not replaced their run yet."""
+        models = self.directory / "models"
+        return sorted([*models.glob("*.next"), *models.glob("*/*.next")])
 
     # ------------------------------------------------------------------- writers
 

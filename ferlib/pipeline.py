@@ -644,14 +644,15 @@ def write_index(params: dict, run: Path, reports: Path, steps, provenance: dict)
     links = "\n".join(f'<li><a href="{html.escape(step)}.html">{html.escape(step)}</a></li>'
                       for step, _, _ in steps)
     description = html.escape(params.get("description") or "")
+    profile = html.escape(str(params["profile"]))
     shown_run = scrub_text(str(run), machine_paths(run=run), drop_warnings=False)
     page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>FER2013 study: {params['profile']}</title>
+<html><head><meta charset="utf-8"><title>FER2013 study: {profile}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table.results{{border-collapse:collapse}} table.results td,table.results th{{padding:4px 10px;
 border-bottom:1px solid #ddd;text-align:right}}</style></head><body>
 <h1>FER2013 study: ViT vs ResNet50V2 vs AlexNet-style CNN &mdash; profile <code>{
-        params['profile']}</code></h1>
+        profile}</code></h1>
 <p>{description}</p>
 <h2>Headline (PrivateTest, 95% bootstrap CIs) next to the paper's claims</h2>
 {table}

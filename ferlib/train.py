@@ -394,8 +394,7 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
 
     settings = model_settings(params, model_name)
     train_settings = settings["train"]
-    files = Run(run_dir).model(model_name, subdir)
-    out = files.directory
+    live = files = Run(run_dir).model(model_name, subdir)
     say = (lambda text: print(f"[{model_name}{'/' + subdir if subdir else ''}] {text}",
                               flush=True)) if progress else (lambda text: None)
 
@@ -408,16 +407,30 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
     key_parts = training_key_parts(settings, data)
     key = fingerprint(key_parts)
 
-    state = files.read_state()
+    # Replace, don't displace: a changed run trains in <name>.next and takes the live folder's
+    # place only once it has finished; until then status, results and reports use the old one,
+    # and a failed retrain leaves it untouched.
+    successor = live.successor()
+    if not live.directory.exists() and (successor.read_state() or {}).get("finished"):
+        successor.directory.rename(live.directory)  # a swap interrupted between its renames
+    state = live.read_state()
+    replacing = None
     if state and state.get("fingerprint") != key:
-        stale = files.stale_copy()
-        change = describe_change(read_json(files.settings), state.get("key_parts"),
+        change = describe_change(read_json(live.settings), state.get("key_parts"),
                                  settings, key_parts)
-        say(f"changed since the last run: {change}. Moved that run to {stale} and training "
-            f"anew")
-        shutil.move(str(out), stale)
-        state = None
+        pending = successor.read_state()
+        if pending and pending.get("fingerprint") != key:
+            # an unfinished attempt at yet other settings: kept aside, never deleted
+            shutil.move(str(successor.directory), successor.stale_copy())
+            pending = None
+        say(f"changed since the last run: {change}. Training the new run in "
+            f"{successor.directory.name}; the finished run stays in place until it is done")
+        files, state, replacing = successor, pending, live
+    out = files.directory
     if state and state["finished"] and files.metrics.exists():
+        if replacing is not None:
+            _replace(replacing, files, say)
+            return read_json(live.metrics)
         say(f"already trained ({state['stopped_reason']}, {len(state['history'])} epochs): "
             f"skipping")
         return read_json(files.metrics)
@@ -487,9 +500,22 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
         if on_epoch is not None:
             on_epoch(dict(state["history"][-1]))
 
-    return _finish(model_name, state, settings, out, (x_val, y_val), (x_test, y_test),
-                   data, say, run_dir=Path(run_dir), part=subdir or "",
-                   distribution=distribution)
+    result = _finish(model_name, state, settings, out, (x_val, y_val), (x_test, y_test),
+                     data, say, run_dir=Path(run_dir), part=subdir or "",
+                     distribution=distribution)
+    if replacing is not None:
+        _replace(replacing, files, say)
+    return result
+
+
+def _replace(live: ModelRun, finished: ModelRun, say) -> None:
+    """Put a finished retrain in the live folder's place; the earlier run moves aside."""
+    stale = live.stale_copy()
+    if live.directory.exists():
+        live.directory.rename(stale)
+    finished.directory.rename(live.directory)
+    say(f"replaced the earlier run (kept as {stale.name}; python -m ferlib runs --prune "
+        f"removes such copies)")
 
 
 def _update_state(state, model, out, epoch, val_accuracy, val_loss, train, budget) -> None:

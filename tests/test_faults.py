@@ -93,3 +93,35 @@ def test_cli_errors_are_one_line_before_any_data_is_read(tmp_path, capsys, monke
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+
+
+def test_hostile_strings_in_parameters_render_escaped(tmp_path):
+    import pandas as pd
+
+    from ferlib import pipeline
+
+    hostile = "<script>alert(1)</script>"
+    run = Run(tmp_path / "run")
+    run.save_table("summary", pd.DataFrame({"model": [hostile], "accuracy": [0.5]}))
+    params = {"profile": hostile, "description": hostile, "models": [hostile]}
+    pipeline.write_index(params, run.directory, tmp_path / "reports",
+                         [(hostile, "01_eda.ipynb", {})], {"profile": hostile})
+    page = (tmp_path / "reports" / "index.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_moved_aside_runs_are_listed_and_pruned_on_request(tmp_path, capsys):
+    run = Run(tmp_path / "run")
+    aside = run.directory / "models" / "vit.stale-20261201-120000"
+    (aside / "x").mkdir(parents=True)
+    (aside / "x" / "best.keras").write_bytes(b"0" * 1024)
+    (run.directory / "models" / "alexnet.next").mkdir()
+    args = ["runs", "--profile", "smoke", "--run-dir", str(run.directory)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "moved aside: " in out and "vit.stale-20261201-120000" in out
+    assert "retraining (not live yet)" in out and aside.exists()
+    assert main([*args, "--prune"]) == 0
+    assert not aside.exists() and (run.directory / "models" / "alexnet.next").exists()
+    assert main(["status", "--profile", "smoke", "--run-dir", str(run.directory)]) == 0
+    assert "retraining (not live yet): alexnet.next" in capsys.readouterr().out

@@ -182,7 +182,10 @@ def test_changed_settings_move_the_old_run_aside(trained, data, tmp_path, capsys
     result = train("alexnet", data, params, run_dir, progress=True)
     # The log names what changed, with both values, and nothing that did not.
     log = capsys.readouterr().out
-    assert "changed since the last run: train.learning_rate: 0.003 -> 0.001. Moved" in log
+    assert ("changed since the last run: train.learning_rate: 0.003 -> 0.001. Training the "
+            "new run in alexnet.next") in log
+    assert "replaced the earlier run (kept as alexnet.stale-" in log
+    assert not (models / "alexnet.next").exists()
 
     [stale] = models.glob("alexnet.stale-*")
     assert read_json(stale / "metrics.json") == old_metrics
@@ -206,7 +209,38 @@ def test_changed_training_code_moves_the_old_run_aside(trained, data, tmp_path, 
     assert len(list((run_dir / "models").glob("alexnet.stale-*"))) == 1
     log = capsys.readouterr().out
     assert ("changed since the last run: the training code (a function that train() runs). "
-            "Moved") in log
+            "Training") in log
+
+
+@pytest.mark.train
+def test_a_failed_retrain_leaves_the_finished_run_live_and_resumes_later(
+        trained, data, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["run_dir"], run_dir)
+    live = run_dir / "models" / "alexnet"
+    before = {path.name: path.read_bytes() for path in live.iterdir() if path.is_file()}
+    params = make_params({"learning_rate": 1e-3})
+    ferlib.train.training_code()  # fingerprint the real code before the writer is broken
+    real_save = ferlib.train._save_checkpoint
+
+    def disk_full(state, model, out, epoch):
+        if epoch == 2:
+            raise OSError(28, "No space left on device", str(out / "state.json"))
+        real_save(state, model, out, epoch)
+
+    monkeypatch.setattr(ferlib.train, "_save_checkpoint", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train("alexnet", data, params, run_dir, progress=False)
+    after = {path.name: path.read_bytes() for path in live.iterdir() if path.is_file()}
+    assert after == before  # the finished run is live and untouched
+    assert not list((run_dir / "models").glob("alexnet.stale-*"))
+    assert read_json(run_dir / "models" / "alexnet.next" / "state.json")["history"]
+    monkeypatch.setattr(ferlib.train, "_save_checkpoint", real_save)
+    result = train("alexnet", data, params, run_dir, progress=False)  # resumes epoch 2
+    assert read_json(live / "settings.json")["train"]["learning_rate"] == 1e-3
+    assert history_of(live)["epoch"].tolist() == [1, 2] and result["epochs_run"] == 2
+    [stale] = (run_dir / "models").glob("alexnet.stale-*")
+    assert (stale / "metrics.json").read_bytes() == before["metrics.json"]
 
 
 def test_a_change_is_described_setting_by_setting():
