@@ -442,20 +442,71 @@ def main(argv=None) -> int:
     except OSError as error:  # a full disk, a read-only folder, a permission
         if args.debug:
             raise
-        path = f" {error.filename}" if error.filename else ""
-        print(f"error:{path}: {error.strerror or error} (free space or fix the permissions, "
-              f"then rerun: finished work is kept)", file=sys.stderr)
+        print(f"error: {os_error_line(error)}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
 
 
+def os_error_line(error: OSError) -> str:
+    """What went wrong with which path, and what to do, in one line."""
+    import errno
+
+    path = f"{error.filename}: " if error.filename else ""
+    advice = {errno.ENOSPC: "the disk is full: free space, then rerun (finished work is kept)",
+              errno.EDQUOT: "the disk quota is full: free space, then rerun",
+              errno.EACCES: "permission denied: fix the permissions or choose another folder",
+              errno.EPERM: "not permitted: fix the permissions or choose another folder",
+              errno.EROFS: "the file system is read-only: choose another folder",
+              errno.EEXIST: "a file is in the way: choose another output path",
+              errno.ENOTDIR: "a file is in the way where a folder is needed: choose another "
+                             "output path"}.get(error.errno)
+    return f"{path}{advice or error.strerror or error}"
+
+
 EXIT_INPUT = 2     # a mistake in what was asked: arguments, a profile, a data or model file
 EXIT_RUNTIME = 1   # the work could not be done: a failed parity check, a full disk, ...
 
 
+def quiet_native_stderr() -> None:
+    """Drop the backend's start-up chatter (oneDNN, CUDA probing, absl) from this process's
+    stderr, including what TensorFlow's C++ code writes to file descriptor 2 directly, which
+    TF_CPP_MIN_LOG_LEVEL does not reach: fd 2 becomes a pipe that a thread copies to the real
+    stderr line by line, less ``ferlib.pipeline.BACKEND_NOISE``. At exit the pipe is closed and
+    drained, so the last line (an error) is never lost."""
+    import atexit
+    import threading
+
+    from ferlib.pipeline import _NoiseFilter
+
+    real = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump():
+        noise = _NoiseFilter()
+        with os.fdopen(read, "r", errors="replace") as lines, \
+                os.fdopen(real, "w", closefd=False) as out:
+            for line in lines:
+                if noise.keep(line.rstrip("\n")):
+                    out.write(line)
+                    out.flush()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+
+    def drain():
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes the pipe's last write end here: the thread sees the end
+        thread.join(timeout=5)
+
+    atexit.register(drain)
+
+
 if __name__ == "__main__":
     if "--debug" not in sys.argv:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no backend start-up chatter
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        quiet_native_stderr()
     sys.exit(main())

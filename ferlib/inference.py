@@ -69,7 +69,12 @@ def load_model(model_path):
     -------
     keras.Model
     """
+    import zipfile
+
     model_path = model_file(model_path)
+    if model_path.suffix == ".keras" and not zipfile.is_zipfile(model_path):
+        raise ValueError(f"{model_path}: not a complete .keras file (a .keras model is a zip "
+                         f"archive; this one is damaged or truncated): copy or train it again")
     import keras
 
     import ferlib.models  # noqa: F401  (registers the custom layers before loading)

@@ -125,3 +125,22 @@ def test_moved_aside_runs_are_listed_and_pruned_on_request(tmp_path, capsys):
     assert not aside.exists() and (run.directory / "models" / "alexnet.next").exists()
     assert main(["status", "--profile", "smoke", "--run-dir", str(run.directory)]) == 0
     assert "retraining (not live yet): alexnet.next" in capsys.readouterr().out
+
+
+def test_the_cli_prints_one_line_without_backend_noise(tmp_path):
+    """In a real process: a corrupt model file is called corrupt, on one line, exit code 2,
+    and TensorFlow's start-up messages stay off stderr (they come back with --debug)."""
+    from conftest import make_fer_folder
+
+    data = make_fer_folder(tmp_path / "faces", {"PrivateTest": ("test", 1)})
+    truncated = tmp_path / "best.keras"
+    truncated.write_bytes(b"PK\x03\x04 truncated")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    command = [sys.executable, "-m", "ferlib", "evaluate", "--model", str(truncated),
+               "--data", str(data)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: {truncated}: not a complete .keras file (a .keras model is a zip archive; "
+        f"this one is damaged or truncated): copy or train it again"]
