@@ -178,7 +178,7 @@ def _predict_video_command(args) -> int:
                                 every=1 if args.every is None else args.every, out=args.out,
                                 annotate_video=args.annotate_video,
                                 smooth=1 if args.smooth is None else args.smooth,
-                                calibration=args.calibration)
+                                calibration=args.calibration, overwrite=args.overwrite)
     except VideoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -198,7 +198,8 @@ def _predict_command(args) -> int:
                          f"images")
     results = apply.predict(args.images, args.model, detect=args.detect, top=args.top,
                             annotate=args.annotate, calibration=args.calibration,
-                            explain=args.explain, explain_method=args.explain_method)
+                            explain=args.explain, explain_method=args.explain_method,
+                            overwrite=args.overwrite)
     failed = [result for result in results if "error" in result]
     for result in failed:
         print(f"error: {apply.format_prediction(result)}", file=sys.stderr)
@@ -274,6 +275,9 @@ def _add_apply_commands(commands) -> None:
                                      "summary")
     predict_parser.add_argument("--annotate", metavar="OUT",
                                 help="folder for copies of the images with boxes and labels")
+    predict_parser.add_argument("--overwrite", action="store_true",
+                                help="allow outputs inside an input folder, or over files that "
+                                     "ferlib did not write (refused by default)")
     predict_parser.add_argument("--top", type=int, default=3,
                                 help="emotions shown per face (default 3)")
     predict_parser.add_argument("--no-calibration", dest="calibration", action="store_false",

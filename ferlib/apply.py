@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from ferlib import EMOTIONS, NUM_CLASSES
-from ferlib.faces import FACE_MARGIN, crop_face, detect_faces, draw_faces, face_detector
+from ferlib.faces import (FACE_MARGIN, check_outputs, crop_face, detect_faces, draw_faces,
+                          face_detector, save_png)
 from ferlib.inference import Predictor, model_files
 
 CONFIDENCE = 0.95
@@ -287,7 +288,7 @@ def _read_image(path):
 
 
 def predict(paths, model_path, *, detect=True, top=3, annotate=None, calibration=True,
-            explain=None, explain_method="auto") -> list[dict]:
+            explain=None, explain_method="auto", overwrite=False) -> list[dict]:
     """Classify the faces in images.
 
     Parameters
@@ -333,6 +334,7 @@ def predict(paths, model_path, *, detect=True, top=3, annotate=None, calibration
     files = image_files(paths)
     if not files:
         raise ValueError("no images given")
+    check_outputs([annotate, explain], [*paths, *files], overwrite)
     predictor = Predictor(model_path, calibration)
     temperature = predictor.temperature
     detector = face_detector() if detect else None
@@ -368,7 +370,8 @@ def predict(paths, model_path, *, detect=True, top=3, annotate=None, calibration
                   "faces": faces}
         if annotate is not None:
             name = _unique_name(Path(path).stem, used_names)
-            result["annotated"] = str(draw_faces(image, faces, Path(annotate) / name))
+            result["annotated"] = str(draw_faces(image, faces, Path(annotate) / name,
+                                                 overwrite))
         results.append(result)
     return results
 
@@ -427,9 +430,7 @@ def draw_explanation(crop, saliency_map, label, path, scale=4, alpha=0.45) -> Pa
     canvas = Image.new("RGB", (size[0] * 2 + scale, size[1]), (255, 255, 255))
     canvas.paste(face, (0, 0))
     canvas.paste(overlay, (size[0] + scale, 0))
-    path = Path(path)
-    canvas.save(path, format="PNG")
-    return path
+    return save_png(canvas, path)
 
 
 def _unique_name(stem, used_names):

@@ -12,6 +12,52 @@ from ferlib import IMAGE_SIZE
 
 FACE_MARGIN = 0.1
 DETECTION_MAX_SIDE = 1024
+WRITER_TAG = ("Software", "ferlib")
+"""PNG text chunk on every image ferlib writes: such a file may be overwritten by a rerun."""
+
+
+def written_by_ferlib(path) -> bool:
+    """Whether an existing file is an image that ferlib wrote (its PNG text chunk says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get(WRITER_TAG[0]) == WRITER_TAG[1]
+    except Exception:  # not an image at all: certainly not one of ours
+        return False
+
+
+def check_outputs(outputs, inputs, overwrite: bool = False) -> None:
+    """Refuse (one ValueError line) an output that is, or lies inside, an input, unless
+    ``overwrite``: ferlib treats what it reads as read-only. Symlinks are resolved."""
+    if overwrite:
+        return
+    resolved_inputs = [Path(path).expanduser().resolve() for path in inputs]
+    for output in outputs:
+        if output is None:
+            continue
+        target = Path(output).expanduser().resolve()
+        for source in resolved_inputs:
+            if target == source or source in target.parents:
+                where = "an input" if target == source else f"inside the input {source}"
+                raise ValueError(f"{output}: this output is {where}; ferlib does not write "
+                                 f"into what it reads: choose another path, or pass "
+                                 f"--overwrite")
+
+
+def save_png(canvas, path, overwrite: bool = False) -> Path:
+    """Save ``canvas`` as a PNG tagged as ferlib's; an existing file that ferlib did not write
+    is refused unless ``overwrite``."""
+    from PIL import PngImagePlugin
+
+    path = Path(path)
+    if path.exists() and not overwrite and not written_by_ferlib(path):
+        raise ValueError(f"{path}: exists and was not written by ferlib; choose another "
+                         f"folder, or pass --overwrite")
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*WRITER_TAG)
+    canvas.save(path, format="PNG", pnginfo=info)
+    return path
 
 
 def face_detector():
@@ -68,7 +114,7 @@ def crop_face(gray, box, margin=FACE_MARGIN) -> np.ndarray:
     return np.asarray(face.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.uint8)
 
 
-def draw_faces(image, faces, path) -> Path:
+def draw_faces(image, faces, path, overwrite: bool = False) -> Path:
     """Save a copy of ``image`` with each face's box and most likely emotion drawn on it.
 
     Parameters
@@ -104,6 +150,4 @@ def draw_faces(image, faces, path) -> Path:
             else y + line_width
         draw.rectangle((x, text_y, x + right - left + 4, text_y + bottom + 2), fill=(255, 64, 64))
         draw.text((x + 2, text_y), label, fill=(255, 255, 255), font=font)
-    path = Path(path)
-    canvas.save(path, format="PNG")
-    return path
+    return save_png(canvas, path, overwrite)

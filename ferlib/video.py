@@ -286,6 +286,7 @@ def _batches(frames, size: int):
 # ----------------------------------------------------------------------------- predict
 
 def predict_video(source, model_path, *, every: int = 1, out=None, annotate_video=None,
+                  overwrite: bool = False,
                   smooth: int = 1, calibration: bool = True, progress: bool = True) -> dict:
     """Classify the faces in a video file or a camera stream.
 
@@ -327,7 +328,7 @@ def predict_video(source, model_path, *, every: int = 1, out=None, annotate_vide
     """
     from tqdm import tqdm
 
-    from ferlib.faces import FACE_MARGIN, crop_face, detect_faces, face_detector
+    from ferlib.faces import FACE_MARGIN, check_outputs, crop_face, detect_faces, face_detector
     from ferlib.inference import Predictor, model_files
 
     if every < 1:
@@ -338,6 +339,12 @@ def predict_video(source, model_path, *, every: int = 1, out=None, annotate_vide
         raise ValueError(f"--out: {out}: expected a .csv or .jsonl file")
     model_files(model_path)
     camera = isinstance(source, int)
+    if not camera:
+        check_outputs([out, annotate_video], [source], overwrite)
+    for output in (out, annotate_video):
+        if output is not None and Path(output).exists() and not overwrite:
+            raise ValueError(f"{output}: exists; a video's outputs are never overwritten "
+                             f"silently: choose another path, or pass --overwrite")
     capture = _open(source)  # before loading the models: a bad file fails at once
     rows = video = bar = None
     try:

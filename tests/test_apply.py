@@ -287,3 +287,42 @@ def test_predict_with_an_ensemble(model_path, second_model_path, crops):
     total = sum(emotion["probability"] for emotion in result["faces"][0]["emotions"])
     assert total == pytest.approx(1.0, abs=1e-5)
     assert result["temperature"] == [None, None]
+
+
+def _snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir())}
+
+
+def test_predict_never_writes_into_its_input_folder_without_overwrite(model_path, crops,
+                                                                     tmp_path, capsys):
+    from ferlib.__main__ import main
+
+    crops = crops[0].parent
+    before = _snapshot(crops)
+    for target in (crops, crops / "sub"):
+        code = main(["predict", str(crops), "--model", str(model_path), "--no-detect",
+                     "--annotate", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and "ferlib does not write into what it reads" in err, err
+        assert err.count("\n") == 1
+    assert _snapshot(crops) == before and not (crops / "sub").exists()
+    # a symlink to the input folder is the input folder
+    link = tmp_path / "link"
+    link.symlink_to(crops, target_is_directory=True)
+    assert main(["predict", str(crops), "--model", str(model_path), "--no-detect",
+                 "--annotate", str(link)]) == 2
+    assert _snapshot(crops) == before
+
+
+def test_predict_overwrites_only_its_own_annotations(model_path, crops, tmp_path):
+    crops = crops[0].parent
+    out = tmp_path / "annotated"
+    apply.predict([crops], model_path, detect=False, annotate=out)
+    apply.predict([crops], model_path, detect=False, annotate=out)  # its own files: fine
+    foreign = sorted(out.iterdir())[0]
+    foreign.write_bytes(b"the user's own file")
+    with pytest.raises(ValueError, match="was not written by ferlib"):
+        apply.predict([crops], model_path, detect=False, annotate=out)
+    assert foreign.read_bytes() == b"the user's own file"
+    apply.predict([crops], model_path, detect=False, annotate=out, overwrite=True)
+    assert foreign.read_bytes() != b"the user's own file"

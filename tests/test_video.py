@@ -157,3 +157,20 @@ def test_tracker_follows_overlapping_boxes_and_starts_new_tracks():
     smoother(1, [1, 0])
     smoother(1, [0, 1])
     np.testing.assert_allclose(smoother(1, [0, 0]), [0, 0.5])
+
+
+def test_annotating_a_video_onto_itself_is_refused(trained_model, portrait_video, capsys):
+    before = portrait_video.read_bytes()
+    code = main(["predict", str(portrait_video), "--model", str(trained_model),
+                 "--annotate-video", str(portrait_video)])
+    err = capsys.readouterr().err
+    assert code == 2 and "this output is an input" in err, err
+    assert portrait_video.read_bytes() == before
+
+
+def test_existing_video_outputs_need_overwrite(trained_model, portrait_video, tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("someone else's table\n")
+    with pytest.raises(ValueError, match="exists; a video's outputs are never overwritten"):
+        video.predict_video(portrait_video, trained_model, out=rows, every=10)
+    assert rows.read_text() == "someone else's table\n"
