@@ -28,6 +28,7 @@ from ferlib import PROJECT_ROOT
 from ferlib.config import load_params, parse_overrides
 from ferlib.data import file_sha256, resolve_data_path
 from ferlib.runs import (atomic_write_bytes, atomic_write_text, code_hash, environment,
+                         remove_dead_temporaries,
                          fingerprint, provenance, read_json, run_dir as default_run_dir,
                          write_json, write_yaml)
 
@@ -534,6 +535,8 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
     origin = provenance(params, data_path, data_hash, env)
     paths = machine_paths(run=run, reports=reports, data_path=data_path)
     run.mkdir(parents=True, exist_ok=True)
+    for folder in (reports, run, run / "notebooks", run / "figures"):
+        remove_dead_temporaries(folder)  # leftovers of a report killed mid-write
     files = Run(run)
     write_yaml(files.params, params)
     steps = plan(params)

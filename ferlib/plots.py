@@ -5,7 +5,6 @@ registered globally: figures never pile up across many calls and notebooks do no
 them twice. In a notebook, make the figure the cell's last expression (or `display(fig)`).
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -496,17 +495,10 @@ def save_figure(fig, path, dpi=100):
     pathlib.Path
         The written path.
     """
+    from ferlib.runs import atomic_save
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so the rename is atomic; a plain open (not mkstemp) keeps the umask's
-    # permissions, so published reports stay readable.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(temporary, format="png", dpi=dpi)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_save(lambda temporary: fig.savefig(temporary, format="png", dpi=dpi), path)
     return path
 
 

@@ -26,15 +26,46 @@ def run_dir(profile: str, root: Path | None = None) -> Path:
     return Path(root or PROJECT_ROOT / "runs") / profile
 
 
+TEMP_MARK = ".ferlib-"
+"""In every temporary file name, followed by the writer's pid: a leftover of a dead writer
+can be told from a live writer's file (:func:`remove_dead_temporaries`)."""
+
+
+def temporary_file(path: Path, suffix: str = ".tmp") -> Path:
+    """A new, empty, uniquely named file beside ``path`` (``mkstemp``: created with O_EXCL, so a
+    symlink planted at a guessable name is never followed), readable by all."""
+    handle, temp = tempfile.mkstemp(dir=Path(path).parent, suffix=suffix,
+                                    prefix=f".{Path(path).name}{TEMP_MARK}{os.getpid()}-")
+    os.close(handle)
+    os.chmod(temp, 0o644)  # mkstemp makes 0600 files; artifacts are for sharing
+    return Path(temp)
+
+
+def remove_dead_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files in ``folder`` whose writer is no longer running (a process
+    killed between writing and renaming); a live writer's files are left alone."""
+    removed = []
+    for temp in Path(folder).glob(f".*{TEMP_MARK}*"):
+        try:
+            pid = int(temp.name.split(TEMP_MARK, 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+        except (ValueError, PermissionError, IndexError):
+            continue  # not ours, or another user's live process
+    return removed
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write via a temp file in the same folder and rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temp = temporary_file(path)
+    handle = os.open(temp, os.O_WRONLY | os.O_TRUNC)
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
-        os.chmod(temp, 0o644)  # mkstemp makes 0600 files; artifacts are for sharing
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -77,7 +108,7 @@ def atomic_save(save, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keras insists on the final suffix (.keras / .weights.h5), so keep it on the temp name.
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".weights.h5") else path.suffix
-    temp = path.with_name(f".{path.stem}.tmp{os.getpid()}{suffix}")
+    temp = temporary_file(path, suffix=suffix)
     try:
         save(str(temp))
         os.replace(temp, path)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +145,35 @@ def test_the_cli_prints_one_line_without_backend_noise(tmp_path):
     assert done.stderr.splitlines() == [
         f"error: {truncated}: not a complete .keras file (a .keras model is a zip archive; "
         f"this one is damaged or truncated): copy or train it again"]
+
+
+def test_a_planted_symlink_at_a_temporary_name_is_not_followed(tmp_path):
+    from ferlib.runs import atomic_save, atomic_write_text
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = tmp_path / "out" / "metrics.json"
+    target.parent.mkdir()
+    # the names the writers used to use, and a few guesses at the new ones
+    for name in (f".metrics.json.{os.getpid()}.tmp", f".metrics.tmp{os.getpid()}.json",
+                 f".metrics.json.ferlib-{os.getpid()}-.tmp"):
+        (target.parent / name).symlink_to(victim)
+    atomic_write_text(target, "{}")
+    atomic_save(lambda path: Path(path).write_text("model"), target.with_name("best.keras"))
+    assert victim.read_text() == "precious"
+    assert target.read_text() == "{}"
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    from ferlib.runs import remove_dead_temporaries
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
+    dead_pid = int(done.stdout)
+    dead = tmp_path / f".04_compare.html.ferlib-{dead_pid}-x1y2.tmp"
+    live = tmp_path / f".04_compare.html.ferlib-{os.getpid()}-a3b4.tmp"
+    other = tmp_path / ".someone-elses.tmp"
+    for path in (dead, live, other):
+        path.write_bytes(b"x" * 2048)
+    assert remove_dead_temporaries(tmp_path) == [dead]
+    assert live.exists() and other.exists() and not dead.exists()
