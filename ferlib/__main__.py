@@ -482,7 +482,7 @@ def quiet_native_stderr() -> None:
     import atexit
     import threading
 
-    from ferlib.pipeline import _NoiseFilter
+    from ferlib.pipeline import NoiseFilter
 
     real = os.dup(2)
     read, write = os.pipe()
@@ -490,7 +490,7 @@ def quiet_native_stderr() -> None:
     os.close(write)
 
     def pump():
-        noise = _NoiseFilter()
+        noise = NoiseFilter()
         with os.fdopen(read, "r", errors="replace") as lines, \
                 os.fdopen(real, "w", closefd=False) as out:
             for line in lines:

@@ -195,7 +195,7 @@ BACKEND_NOISE = re.compile(
     r"(?P<deprecation>WARNING:\w+:From \S*(?:site|dist)-packages/))")
 
 
-class _NoiseFilter:
+class NoiseFilter:
     """Line by line: drop backend noise and library warnings with the lines that go with them."""
 
     def __init__(self):
@@ -220,7 +220,7 @@ class _NoiseFilter:
 
 def drop_noise(text: str) -> str:
     """``text`` without backend start-up chatter and library warnings (``BACKEND_NOISE``)."""
-    noise = _NoiseFilter()
+    noise = NoiseFilter()
     return "".join(line for line in text.splitlines(keepends=True) if noise.keep(line))
 
 
@@ -454,7 +454,7 @@ class _QuietStream:
     """Forward a stream but drop the backend's start-up chatter, line by line."""
 
     def __init__(self, stream):
-        self.stream, self.pending, self.noise = stream, "", _NoiseFilter()
+        self.stream, self.pending, self.noise = stream, "", NoiseFilter()
 
     def write(self, text: str) -> int:
         lines = (self.pending + text).split("\n")

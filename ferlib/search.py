@@ -259,7 +259,9 @@ def run_search(params: dict, model_name: str, *, trials: int | None = None,
             trial.set_user_attr("epochs", row["epoch"])
             trial.set_user_attr("train_accuracy", row["accuracy"])
             trial.set_user_attr("seconds", time.time() - began)
-            if trial.should_prune():
+            # A trial that reached the last epoch is complete: pruning it then saves nothing
+            # and would drop its score from the search.
+            if row["epoch"] < params["search"]["epochs"] and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {row['epoch']} "
                                          f"(PublicTest {row['val_accuracy']:.3f})")
 
