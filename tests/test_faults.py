@@ -3,6 +3,7 @@ holder, out-of-range settings, broken profile files, ordinary CLI mistakes. Each
 line and leaves the run usable."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,3 +178,41 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
         path.write_bytes(b"x" * 2048)
     assert remove_dead_temporaries(tmp_path) == [dead]
     assert live.exists() and other.exists() and not dead.exists()
+
+
+def _numeric_paths(schema, prefix=""):
+    from ferlib.config import NUMBER
+
+    for key, spec in schema.items():
+        path = f"{prefix}{key}"
+        if isinstance(spec, dict):
+            yield from _numeric_paths(spec, f"{path}.")
+        elif spec[0] in (int, NUMBER) or (isinstance(spec[0], tuple) and int in spec[0]):
+            yield path
+
+
+def _nested(path, value):
+    node = result = {}
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return result
+
+
+def test_every_ranged_numeric_setting_rejects_a_value_below_its_range():
+    from ferlib.config import PATH_RANGES, RANGES, SCHEMA
+
+    checked = 0
+    for path in _numeric_paths(SCHEMA):
+        parts = path.split(".")
+        spec = PATH_RANGES.get(path) or PATH_RANGES.get(".".join(parts[-2:])) \
+            or RANGES.get(parts[-1])
+        if spec is None or spec[0] is None:
+            continue
+        low, _, low_included, _ = spec
+        bad = low - 1 if low_included else low
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: .* is out of range"):
+            validate(_nested(path, bad))
+        checked += 1
+    assert checked > 100  # every model's and every override's keys, not a sample
