@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ferlib import EMOTIONS, IMAGE_SIZE, NUM_CLASSES
+from ferlib.inference import model_input, model_output
 
 METHODS = ("auto", "grad_cam", "occlusion")
 """``saliency`` methods; ``auto`` is Grad-CAM (on the token grid for the ViT)."""
@@ -130,15 +131,6 @@ def _keras():
     return keras
 
 
-def _model_input(model):
-    """The model's input tensor (a list only for several inputs: no structure warning)."""
-    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
-
-
-def _model_output(model):
-    return model.outputs[0] if len(model.outputs) == 1 else model.outputs
-
-
 def _vit_encoder(layer):
     """The ``ViTEncoder`` of a keras-hub ViTBackbone, or None for any other layer."""
     if not hasattr(layer, "get_layer"):
@@ -230,15 +222,15 @@ def _build_split(model, layer: str) -> _Split:
         if len(output.shape) != 4:
             raise ValueError(f"layer={layer!r}: Grad-CAM needs a (batch, height, width, "
                              f"channels) output; {outer_name!r} outputs {tuple(output.shape)}")
-        head = _head_from(output, _model_output(model), layer, model.name)
-        return _Split(keras.Model(_model_input(model), output), head, target=layer,
+        head = _head_from(output, model_output(model), layer, model.name)
+        return _Split(keras.Model(model_input(model), output), head, target=layer,
                       grid=tuple(output.shape[1:3]))
     if not isinstance(outer, keras.Model):
         raise ValueError(f"layer={layer!r}: {outer_name!r} is not a nested model; use a "
                          f"top-level layer name or '<nested model>/<inner layer>'")
     node = _call_node(model, outer)
     outer_input, outer_output = node.input_tensors[0], node.output_tensors[0]
-    outer_head = keras.Model(outer_output, _model_output(model))
+    outer_head = keras.Model(outer_output, model_output(model))
     encoder = _vit_encoder(outer)
     if encoder is not None:
         return _vit_split(model, outer, encoder, inner_name, outer_input, outer_head)
@@ -251,11 +243,11 @@ def _build_split(model, layer: str) -> _Split:
         raise ValueError(f"layer={layer!r}: Grad-CAM needs a (batch, height, width, channels) "
                          f"output; {inner_name!r} outputs {tuple(inner.output.shape)}")
     if inner.output is outer.outputs[0]:
-        features = keras.Model(_model_input(model), outer_output)
+        features = keras.Model(model_input(model), outer_output)
         return _Split(features, outer_head, target=layer, grid=tuple(outer_output.shape[1:3]))
-    inner_features = keras.Model(_model_input(outer), inner.output)
-    inner_head = _head_from(inner.output, _model_output(outer), layer, outer_name)
-    features = keras.Model(_model_input(model), inner_features(outer_input))
+    inner_features = keras.Model(model_input(outer), inner.output)
+    inner_head = _head_from(inner.output, model_output(outer), layer, outer_name)
+    features = keras.Model(model_input(model), inner_features(outer_input))
     activations = keras.Input(shape=tuple(inner.output.shape[1:]), dtype=inner.output.dtype)
     head = keras.Model(activations, outer_head(inner_head(activations)))
     return _Split(features, head, target=layer, grid=tuple(inner.output.shape[1:3]))
@@ -289,7 +281,7 @@ def _vit_split(model, backbone, encoder, block_name, outer_input, outer_head) ->
     tokens = encoder.dropout(embedding(outer_input))
     for block in blocks[:cut]:
         tokens = block(tokens)
-    features = keras.Model(_model_input(model), tokens)
+    features = keras.Model(model_input(model), tokens)
     entering = keras.Input(shape=tuple(tokens.shape[1:]), dtype=tokens.dtype)
     x = entering
     for block in blocks[cut:]:

@@ -15,6 +15,15 @@ from ferlib import EMOTIONS, NUM_CLASSES, metrics
 _TWINS = weakref.WeakKeyDictionary()
 
 
+def model_input(model):
+    """The model's input tensor (a list only for several inputs: no structure warning)."""
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
+def model_output(model):
+    return model.outputs[0] if len(model.outputs) == 1 else model.outputs
+
+
 def _twin(model):
     """A model sharing ``model``'s layers and weights, with a predict function of its own.
 
@@ -24,9 +33,7 @@ def _twin(model):
     if model not in _TWINS:
         import keras
 
-        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-        outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
-        _TWINS[model] = keras.Model(inputs, outputs)
+        _TWINS[model] = keras.Model(model_input(model), model_output(model))
     return _TWINS[model]
 
 
