@@ -262,8 +262,10 @@ SEARCH_GROUPS = {"train": "train_overrides", "augment": "augment_overrides",
 """The first part of a search path and where a value for one model goes in a profile."""
 
 
-def _search_target(path: str, model_name: str, where: str):
-    """The schema entry that ``train.<key>`` / ``augment.<key>`` / ``model.<key>`` names."""
+def search_target(path: str, model_name: str, where: str | None = None):
+    """The schema entry (type, default) that ``train.<key>`` / ``augment.<key>`` /
+    ``model.<key>`` names for ``model_name``; a ValueError naming ``where`` if none."""
+    where = where or path
     group, _, key = path.partition(".")
     schemas = {"train": TRAIN_SCHEMA, "augment": AUGMENT_SCHEMA,
                "model": MODEL_SCHEMAS[model_name]}
@@ -310,10 +312,10 @@ def _validate_search(params: dict) -> None:
         for group in ("all", name):
             for path, spec in (search["space"].get(group) or {}).items():
                 where = f"search.space.{group}.{path}"
-                expected, _ = _search_target(path, name, where)
+                expected, _ = search_target(path, name, where)
                 _validate_range(spec, expected, where)
         for path, value in fixed.items():
-            _search_target(path, name, f"search.fixed.{path}")
+            search_target(path, name, f"search.fixed.{path}")
         _check_vit_shapes(params, name, search)
         _validate(deep_merge(params, search_overrides(fixed, name)), SCHEMA, "", partial=True)
 

@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 
 from ferlib import MODEL_NAMES
-from ferlib.config import (AUGMENT_SCHEMA, MODEL_SCHEMAS, TRAIN_SCHEMA, deep_merge,
-                           search_overrides, validate)
+from ferlib.config import deep_merge, search_overrides, search_target, validate
 
 STORAGE_FILE = "studies.db"
 # Trials of these states are results and count towards the budget; a failed trial does not.
@@ -97,13 +96,6 @@ def model_space(params: dict, model_name: str) -> dict:
     """Dotted path -> range or choices for one model: ``search.space.all`` then its own."""
     space = params["search"]["space"]
     return {**(space.get("all") or {}), **(space.get(model_name) or {})}
-
-
-def _schema_type(path: str, model_name: str):
-    group, _, key = path.partition(".")
-    schema = {"train": TRAIN_SCHEMA, "augment": AUGMENT_SCHEMA,
-              "model": MODEL_SCHEMAS[model_name]}[group]
-    return schema[key][0]
 
 
 def suggest(trial, path: str, spec: dict, expected):
@@ -246,7 +238,7 @@ def run_search(params: dict, model_name: str, *, trials: int | None = None,
             study.stop()
             raise BudgetReached(f"the budget of {target} trials is reached by the trials "
                                 f"running elsewhere")
-        values = {path: suggest(trial, path, spec, _schema_type(path, model_name))
+        values = {path: suggest(trial, path, spec, search_target(path, model_name)[0])
                   for path, spec in space.items()}
         settings = trial_params(params, model_name, values)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
