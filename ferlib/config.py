@@ -99,6 +99,9 @@ SEARCH_SCHEMA = {
     "warmup_epochs": (int, 2),      # median pruner: epochs of every trial that are never pruned
     "threshold": ((*NUMBER, type(None)), None),  # threshold pruner: lowest PublicTest accuracy
     "heartbeat_seconds": (int, 60),  # a trial silent for 3 heartbeats counts as dead: retried
+    # A folder (relative to the project) for a committed copy of the studies' finished trials,
+    # one Optuna journal per model, so the search survives a new machine; null: no copy.
+    "record": ((str, type(None)), None),
     "fixed": (dict, {}),            # dotted path -> value, the same in every trial
     "space": (dict, {}),            # "all" or a model name -> dotted path -> range or choices
 }

@@ -14,6 +14,13 @@ recipe (Optuna's ``RetryHeartbeatStaleTrialCallback``); failed trials never coun
 budget is a number of finished (complete or pruned) trials per study, each of at most
 ``search.epochs`` epochs, the same for every model.
 
+``search.record`` (a folder, ``params/search/<profile>`` in the shipped profiles) keeps a
+committed copy of every study: one Optuna journal file per model holding its finished trials,
+rewritten after each trial. A machine without the database (a fresh clone, a new session)
+seeds a new study from that copy and goes on, with the same trial numbers; the report reads the
+copy when there is no database. A trial that was running when the copy was written is kept in
+it as failed: it never counts as a result.
+
 Nothing here re-implements what Optuna has: sampling (TPE), pruning, storage, heartbeat and
 retry are Optuna's.
 """
@@ -139,11 +146,73 @@ def open_study(params: dict, model_name: str, storage: str | None = None, *,
     study = optuna.create_study(study_name=name, storage=storage_object, sampler=sampler,
                                 pruner=make_pruner(search), direction="maximize",
                                 load_if_exists=True)
+    record = record_path(params, model_name)
+    if record is not None and record.exists() and not study.get_trials(deepcopy=False):
+        copied = optuna.load_study(study_name=name, storage=_journal(record))
+        study.add_trials(copied.get_trials(deepcopy=False))
+        for key, value in copied.user_attrs.items():
+            study.set_user_attr(key, value)
+        print(f"[search {name}] seeded from {_shown(record)}: {len(copied.trials)} trials")
     budget = {key: search[key] for key in ("trials", "epochs", "train_images", "pruner")}
     study.set_user_attr("budget", budget)
     study.set_user_attr("space", model_space(params, model_name))
     study.set_user_attr("fixed", search["fixed"])
     return study
+
+
+def record_path(params: dict, model_name: str) -> Path | None:
+    """The committed journal of one model's study (``search.record``), or None."""
+    from ferlib import PROJECT_ROOT
+
+    folder = params["search"].get("record")
+    if not folder:
+        return None
+    return (PROJECT_ROOT / folder / f"{model_name}.journal").resolve()
+
+
+def _shown(path: Path) -> str:
+    from ferlib import PROJECT_ROOT
+
+    try:
+        return str(path.relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _journal(path: Path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def save_record(study, path: Path) -> Path:
+    """Write ``study``'s trials to the Optuna journal file ``path`` (replaced atomically), so the
+    file is a loadable study of its own. Trials still running or waiting are written as failed:
+    seeded elsewhere, they are not results and must not block the budget."""
+    import optuna
+
+    from ferlib.runs import atomic_save
+
+    trials = []
+    for trial in study.get_trials(deepcopy=True):
+        if not trial.state.is_finished():
+            trial = optuna.trial.create_trial(
+                state=optuna.trial.TrialState.FAIL, params=trial.params,
+                distributions=trial.distributions,
+                user_attrs={**trial.user_attrs, "recorded_while": trial.state.name.lower()},
+                system_attrs=trial.system_attrs, intermediate_values=trial.intermediate_values)
+        trials.append(trial)
+
+    def write(temporary: str):
+        copy = optuna.create_study(study_name=study.study_name, storage=_journal(Path(temporary)),
+                                   directions=study.directions)
+        for key, value in study.user_attrs.items():
+            copy.set_user_attr(key, value)
+        copy.add_trials(trials)
+
+    atomic_save(write, path)
+    return path
 
 
 def counted_trials(study) -> list:
@@ -215,6 +284,9 @@ def run_search(params: dict, model_name: str, *, trials: int | None = None,
     study = open_study(params, model_name, storage, run_dir=directory)
     target = trials or params["search"]["trials"]
     say = print if progress else (lambda *args, **kwargs: None)
+    record = record_path(params, model_name)
+    if record is not None:
+        save_record(study, record)
     done = len(counted_trials(study))
     if done >= target:
         say(f"[search {study.study_name}] budget spent: {done} of {target} trials finished")
@@ -266,6 +338,8 @@ def run_search(params: dict, model_name: str, *, trials: int | None = None,
         return result["val"]["accuracy"]
 
     def log_trial(study, trial):
+        if record is not None:
+            save_record(study, record)
         if trial.state.name not in COUNTED_STATES:
             return
         seconds.append(trial.user_attrs.get("seconds", 0.0))
@@ -380,8 +454,8 @@ def best_recipe_yaml(study, model_name: str, storage_text: str = "") -> str:
 
 
 def load_studies(params: dict, storage: str | None = None, run_dir: Path | None = None) -> dict:
-    """{model name: study} for the profile's studies that exist in the storage (no creation);
-    empty when the storage has none."""
+    """{model name: study} for the profile's studies that exist in the storage (no creation),
+    else in the committed record (``search.record``); empty when neither has one."""
     import optuna
 
     from ferlib.runs import run_dir as default_run_dir
@@ -389,14 +463,16 @@ def load_studies(params: dict, storage: str | None = None, run_dir: Path | None 
     directory = Path(run_dir or default_run_dir(params["profile"]))
     if storage is None:
         path = search_dir(directory) / STORAGE_FILE
-        if not path.exists():
-            return {}
-        storage = f"sqlite:///{path.resolve()}"
-    names = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
+        storage = f"sqlite:///{path.resolve()}" if path.exists() else None
+    names = ({summary.study_name for summary in optuna.get_all_study_summaries(storage)}
+             if storage else set())
     studies = {}
     for model_name in MODEL_NAMES:
-        if study_name(params["profile"], model_name) in names:
-            studies[model_name] = optuna.load_study(
-                study_name=study_name(params["profile"], model_name), storage=storage)
+        name = study_name(params["profile"], model_name)
+        record = record_path(params, model_name)
+        if name in names:
+            studies[model_name] = optuna.load_study(study_name=name, storage=storage)
+        elif record is not None and record.exists():  # the committed copy, e.g. a fresh clone
+            studies[model_name] = optuna.load_study(study_name=name, storage=_journal(record))
     return studies
 

@@ -268,3 +268,42 @@ def test_the_cli_prints_the_best_recipe_or_says_how_to_get_one(tmp_path, capsys)
                  "--run-dir", str(tmp_path / "run")])
     assert code == 2
     assert "no complete trial yet" in capsys.readouterr().err
+
+
+def test_the_committed_record_seeds_a_new_machine_and_feeds_the_report(tmp_path):
+    """``search.record`` keeps each study's trials in a journal file: a machine with no study
+    database starts from it with the same trial numbers, a trial that was running is kept as
+    failed (not a result), and load_studies reads the record when there is no database."""
+    import optuna
+
+    from ferlib.search import counted_trials, load_studies, open_study, record_path, run_search
+
+    record = tmp_path / "record"
+    path = search_profile(tmp_path, {
+        "trials": 2, "record": str(record),
+        "space": {"all": {"train.learning_rate": {"low": 1e-3, "high": 3e-3}}}})
+    params = load_params(str(path))
+    first = open_study(params, "alexnet", run_dir=tmp_path / "machine-1")
+    distributions = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-3, 3e-3)}
+    for value, state in ((0.41, "COMPLETE"), (0.2, "PRUNED")):
+        first.add_trial(optuna.trial.create_trial(
+            params={"train.learning_rate": 2e-3}, distributions=distributions, value=value,
+            state=getattr(optuna.trial.TrialState, state), intermediate_values={1: value}))
+    running = first.ask(distributions)  # a trial in flight when the copy is written
+    # With the budget already spent, run_search only writes the record and returns.
+    run_search(params, "alexnet", run_dir=tmp_path / "machine-1", progress=False)
+    assert record_path(params, "alexnet") == record / "alexnet.journal"
+    assert (record / "alexnet.journal").is_file()
+    assert not list(record.glob(".*"))  # no temporary or lock file left beside it
+
+    assert load_studies(params, run_dir=tmp_path / "no-database")["alexnet"].best_value == 0.41
+    second = open_study(params, "alexnet", run_dir=tmp_path / "machine-2")
+    trials = second.get_trials()
+    assert [(t.number, t.state.name) for t in trials] == [
+        (0, "COMPLETE"), (1, "PRUNED"), (running.number, "FAIL")]
+    assert trials[1].intermediate_values == {1: 0.2}
+    assert trials[2].user_attrs["recorded_while"] == "running"
+    assert len(counted_trials(second)) == 2 and second.best_trial.number == 0
+    assert second.user_attrs["budget"]["trials"] == 2
+    # A study that already has trials is not seeded twice.
+    assert len(open_study(params, "alexnet", run_dir=tmp_path / "machine-2").trials) == 3
