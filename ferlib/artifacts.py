@@ -71,6 +71,42 @@ class RunBusy(RuntimeError):
     """Another process holds the run's lock: one line naming it (pid, host, since when)."""
 
 
+def _read_holder(path: Path) -> dict:
+    try:
+        return read_json(path, {})
+    except ValueError:  # a holder file of an older writer, cut short
+        return {}
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, doing: str):
+    """An exclusive, non-waiting ``filelock`` at ``path``; a ``.holder.json`` beside it names
+    the holder for the :class:`RunBusy` message of a second process."""
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = path.with_suffix(".holder.json")
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        for _ in range(20):  # the holder may have just taken the lock: its name follows at once
+            who = _read_holder(holder)
+            if who:
+                break
+            time.sleep(0.1)
+        raise RunBusy(f"{doing} by another process (pid {who.get('pid', '?')} on "
+                      f"{who.get('host', '?')} since {who.get('since', '?')}); wait for it to "
+                      f"finish, or stop it and rerun to resume (lock: {path})") from None
+    try:
+        write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        yield
+    finally:
+        holder.unlink(missing_ok=True)  # never names a writer that has finished
+        lock.release()
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelRun:
     """The folder of one training (a model, or one fold of it) and its files."""
@@ -193,7 +229,6 @@ class Run:
         model = self.model(name)
         return model.cv_metrics if cv_folds else model.metrics
 
-    @contextlib.contextmanager
     def lock(self, name: str, part: str | None = ""):
         """Hold the one-writer lock of a model's training (``filelock``: an OS lock, so the
         lock of a process that died, even by ``kill -9``, is free again at once).
@@ -203,27 +238,15 @@ class Run:
         RunBusy
             When another process holds it; the message names that process.
         """
-        from filelock import FileLock, Timeout
-
         label = f"{name}/{part}" if part else name
-        path = self.directory / "models" / f".{label.replace('/', '.')}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        holder = path.with_suffix(".holder.json")
-        lock = FileLock(str(path), timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            who = read_json(holder, {}) if holder.exists() else {}
-            raise RunBusy(f"{label} is being trained by another process (pid "
-                          f"{who.get('pid', '?')} on {who.get('host', '?')} since "
-                          f"{who.get('since', '?')}); wait for it to finish, or stop it and "
-                          f"rerun to resume (lock: {path})") from None
-        try:
-            write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
-                                "since": time.strftime("%Y-%m-%d %H:%M:%S")})
-            yield
-        finally:
-            lock.release()
+        return _exclusive(self.directory / "models" / f".{label.replace('/', '.')}.lock",
+                          f"{label} is being trained")
+
+    def step_lock(self, step: str):
+        """Hold the one-writer lock of a report step (its notebook, page and marker), like
+        :meth:`lock`."""
+        return _exclusive(self.directory / "steps" / f".{step}.lock",
+                          f"report step {step} is being run")
 
     # ------------------------------------------------------------------- PrivateTest ledger
 

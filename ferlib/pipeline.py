@@ -319,11 +319,23 @@ def _joined(value) -> str:
     return "".join(value) if isinstance(value, list) else value
 
 
+def markdown_to_html(text: str) -> str:
+    """Markdown as HTML with any raw HTML in it escaped: a notebook's Markdown outputs carry
+    strings from parameters and data (profile names, file names, class names), and a ``<script>``
+    among them must show as text. (nbconvert's ``sanitize_html`` was tried and mangles
+    ordinary tables and headings in 7.17, so the outputs are rendered here with mistune, the
+    Markdown library nbconvert itself uses, with ``escape=True``.)"""
+    import mistune
+
+    return mistune.create_markdown(escape=True, plugins=["table", "strikethrough"])(text)
+
+
 def scrub_notebook(notebook, paths: dict[str, str]) -> None:
     """Scrub every output of an executed notebook in place (see ``scrub_text``).
 
     Consecutive stream outputs of one kind are merged first (so a warning and its quoted
-    source line are seen together), and a stream left empty is removed.
+    source line are seen together), and a stream left empty is removed. Markdown outputs
+    become HTML with raw HTML escaped (:func:`markdown_to_html`).
     """
     text_types = ("text/plain", "text/html", "text/markdown", "text/latex")
     for cell in notebook.cells:
@@ -353,6 +365,8 @@ def scrub_notebook(notebook, paths: dict[str, str]) -> None:
                     if mime in data:
                         data[mime] = scrub_text(_joined(data[mime]), paths,
                                                 drop_warnings=mime == "text/plain")
+                if "text/markdown" in data and "text/html" not in data:
+                    data["text/html"] = markdown_to_html(data.pop("text/markdown"))
             elif kind == "error":
                 output["evalue"] = scrub_text(output.get("evalue", ""), paths, False)
                 output["traceback"] = [scrub_text(line, paths, False)
@@ -547,31 +561,32 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
         notebook = NOTEBOOKS_DIR / notebook_name
         executed = run / "notebooks" / f"{step}.ipynb"
         html_file = reports / f"{step}.html"
-        upstream = upstream_results(params, step, extra)
-        marker = run / "steps" / f"{step}.json"
-        inputs = _step_inputs(params, notebook, data_hash, upstream, run)
-        done = read_json(marker, {})
-        if not force and done.get("inputs") == inputs and executed.exists() \
-                and html_file.exists():
-            say(f"({index}/{len(steps)}) {step}: up to date, skipped")
-            timings[step] = done.get("seconds")
-            continue
-        say(f"({index}/{len(steps)}) {step}: running {notebook_name}"
-            + (f" with {extra}" if extra else ""))
-        step_started = time.time()
-        try:
-            execute(step, notebook, executed, {"profile": str(profile), "run_dir": str(run),
-                                               "overrides": overrides, **extra})
-        except StepFailed as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            return 1
-        render_html(executed, html_file, origin, paths)
-        seconds = time.time() - step_started
-        timings[step] = seconds
-        # The compare step's inputs include the models' results, read again after training.
-        write_json(marker, {"inputs": _step_inputs(params, notebook, data_hash, upstream, run),
-                            "seconds": seconds})
-        say(f"({index}/{len(steps)}) {step}: done in {seconds / 60:.1f} min -> {html_file}")
+        with files.step_lock(step):  # one writer per step: a second report exits, naming it
+            upstream = upstream_results(params, step, extra)
+            marker = run / "steps" / f"{step}.json"
+            inputs = _step_inputs(params, notebook, data_hash, upstream, run)
+            done = read_json(marker, {})
+            if not force and done.get("inputs") == inputs and executed.exists() \
+                    and html_file.exists():
+                say(f"({index}/{len(steps)}) {step}: up to date, skipped")
+                timings[step] = done.get("seconds")
+                continue
+            say(f"({index}/{len(steps)}) {step}: running {notebook_name}"
+                + (f" with {extra}" if extra else ""))
+            step_started = time.time()
+            try:
+                execute(step, notebook, executed, {"profile": str(profile), "run_dir": str(run),
+                                                   "overrides": overrides, **extra})
+            except StepFailed as error:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                return 1
+            render_html(executed, html_file, origin, paths)
+            seconds = time.time() - step_started
+            timings[step] = seconds
+            # The compare step's inputs include the models' results, read again after training.
+            write_json(marker, {"inputs": _step_inputs(params, notebook, data_hash, upstream, run),
+                                "seconds": seconds})
+            say(f"({index}/{len(steps)}) {step}: done in {seconds / 60:.1f} min -> {html_file}")
 
     write_json(files.manifest, {
         "profile": name, "seed": params["seed"], "data": {"path": str(data_path),

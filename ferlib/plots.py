@@ -537,12 +537,15 @@ def table(frame, precision: int = 3, formats: dict | None = None):
     import pandas as pd
 
     frame = frame.reset_index() if not isinstance(frame.index, pd.RangeIndex) else frame
+    # escape="html": cells and headers may hold strings from parameters or data (model and
+    # class names, recipes); a Styler, unlike DataFrame.to_html, does not escape by default.
     styler = frame.style.hide(axis="index").format(precision=precision, na_rep="–",
-                                                   thousands=",")
+                                                   thousands=",", escape="html")
+    styler = styler.format_index(escape="html", axis=1)
     chosen = {column: format_string for column, format_string in (formats or {}).items()
               if column in frame}
     if chosen:
-        styler = styler.format(chosen, subset=list(chosen), na_rep="–")
+        styler = styler.format(chosen, subset=list(chosen), na_rep="–", escape="html")
     return styler.set_table_attributes('class="ferlib-table"')
 
 

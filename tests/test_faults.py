@@ -60,6 +60,108 @@ def test_the_lock_of_a_killed_process_is_free_at_once(tmp_path):
         pass
 
 
+@pytest.mark.train
+@pytest.mark.parametrize("phase, seed", [("start-up", 1), ("training", 3)])
+def test_two_concurrent_trains_killed_at_random_points_leave_a_resumable_run(
+        tmp_path, phase, seed):
+    """Two ``train`` processes of one model start together; both are sent SIGKILL at random
+    moments (seeded) of one phase: start-up (data loading, the lock, building the model) or
+    training (after the first committed epoch). Whatever was interrupted, one more ``train``
+    finishes the run: every epoch once, no orphan checkpoint, no stale copy."""
+    import json
+    import random
+    import time
+
+    from test_train import history_of, synthetic_data, write_challenge_csv
+
+    from ferlib.runs import read_json
+
+    epochs = 8
+    csv = write_challenge_csv(tmp_path / "fer2013.csv", synthetic_data(per_split=(60, 10, 10)))
+    profile = tmp_path / "twice.yaml"
+    profile.write_text(textwrap.dedent(f"""
+        seed: 0
+        models: [alexnet]
+        train: {{epochs: {epochs}, batch_size: 16, learning_rate: 0.003, warmup_epochs: 0,
+                 early_stopping_patience: null, tta: false}}
+        model_params: {{alexnet: {{width: 0.25, dense_units: 16}}}}
+    """))
+    run_dir = tmp_path / "run"
+    out = run_dir / "models" / "alexnet"
+    command = [sys.executable, "-m", "ferlib", "train", "--profile", str(profile),
+               "--run-dir", str(run_dir)]
+    env = {**os.environ, "FER2013_PATH": str(csv), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "FERLIB_CACHE": str(tmp_path / "cache")}
+    rng = random.Random(seed)
+    logs = [tmp_path / f"writer-{index}.log" for index in range(2)]
+    handles = [open(log, "w") for log in logs]
+    writers = [subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT) for handle in handles]
+    try:
+        if phase == "start-up":
+            origin = time.time()
+            moments = sorted(rng.uniform(1.0, 6.0) for _ in writers)
+        else:  # wait for the first committed epoch, then kill within the next few
+            deadline = time.time() + 300
+            while (time.time() < deadline and any(w.poll() is None for w in writers)
+                   and not read_json(out / "state.json", {}).get("history")):
+                time.sleep(0.05)
+            assert read_json(out / "state.json", {}).get("history"), "no epoch within 300 s"
+            origin = time.time()
+            moments = sorted(rng.uniform(0.0, 3.0) for _ in writers)
+        for writer, moment in zip(writers, moments):
+            time.sleep(max(0.0, origin + moment - time.time()))
+            if writer.poll() is None:
+                os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        for writer, handle in zip(writers, handles):
+            if writer.poll() is None:
+                writer.kill()
+            writer.wait(timeout=60)
+            handle.close()
+    kill_after = (phase, moments)
+    texts = [log.read_text() for log in logs]
+    codes = [writer.returncode for writer in writers]
+    # A writer that was not killed either finished the run or was refused in one line.
+    for code, text in zip(codes, texts):
+        assert code in (0, 1, -signal.SIGKILL), text[-2000:]
+        if code == 1:
+            assert "is being trained by another process" in text and "Traceback" not in text
+    assert codes.count(0) <= 1, codes
+    killed_at = len(read_json(out / "state.json", {}).get("history", []))
+    if phase == "training":
+        assert 1 <= killed_at < epochs and -signal.SIGKILL in codes, (kill_after, codes)
+
+    again = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, (kill_after, codes, again.stdout[-2000:], again.stderr[-2000:])
+    if killed_at:
+        assert f"resuming after epoch {killed_at}" in again.stdout, again.stdout[-2000:]
+    assert history_of(out)["epoch"].tolist() == list(range(1, epochs + 1)), (kill_after, texts)
+    metrics = read_json(out / "metrics.json")
+    assert metrics["epochs_run"] == epochs and metrics["stopped_reason"] == "completed"
+    assert json.loads((out / "state.json").read_text())["finished"]
+    assert not list(out.glob("checkpoint-*")), sorted(p.name for p in out.iterdir())
+    assert not list(out.parent.glob("alexnet.stale-*")) and not list(out.parent.glob("*.next"))
+
+
+def test_a_report_step_being_run_elsewhere_stops_a_second_report_with_one_line(
+        tmp_path, capsys, monkeypatch):
+    from conftest import make_fer_folder
+
+    monkeypatch.setenv("FER2013_PATH", str(make_fer_folder(tmp_path / "faces")))
+    run = Run(tmp_path / "runs" / "smoke")
+    with run.step_lock("01_eda"):  # another report is executing the first step
+        code = main(["report", "--profile", "smoke", "--runs-root", str(tmp_path / "runs"),
+                     "--reports-root", str(tmp_path / "reports")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"report step 01_eda is being run by another process (pid {os.getpid()} on " in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (run.directory / "notebooks" / "01_eda.ipynb").exists()  # nothing was run
+    assert not (tmp_path / "reports" / "smoke" / "01_eda.html").exists()
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"train": {"epochs": 0}}, "train.epochs: 0 is out of range"),
     ({"train": {"epochs": -1}}, "train.epochs: -1 is out of range"),
@@ -110,6 +212,34 @@ def test_hostile_strings_in_parameters_render_escaped(tmp_path):
                          [(hostile, "01_eda.ipynb", {})], {"profile": hostile})
     page = (tmp_path / "reports" / "index.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_hostile_strings_in_markdown_and_tables_of_a_page_render_escaped(tmp_path):
+    """A notebook's Markdown outputs (profile names, warnings naming files) and its tables
+    (``plots.table``: model and class names) reach the HTML page as text, not as markup."""
+    import nbformat
+    import pandas as pd
+    from IPython.display import Markdown
+
+    from ferlib import pipeline, plots
+
+    hostile = "<script>alert(1)</script>"
+    frame = pd.DataFrame({"class": [hostile, "happy"], hostile: [0.5, 0.25]})
+    cell = nbformat.v4.new_code_cell("")
+    cell.outputs = [
+        nbformat.v4.new_output("display_data", {
+            "text/markdown": Markdown(f"**profile** `{hostile}`: {hostile} <img src=x "
+                                      f"onerror=alert(2)>\n\n| a |\n|---|\n| {hostile} |"
+                                      )._repr_markdown_(), "text/plain": "md"}),
+        nbformat.v4.new_output("display_data", {"text/html": plots.table(frame)._repr_html_(),
+                                                "text/plain": "table"})]
+    notebook = nbformat.v4.new_notebook(cells=[cell])
+    nbformat.write(notebook, tmp_path / "page.ipynb")
+    pipeline.render_html(tmp_path / "page.ipynb", tmp_path / "page.html", {"profile": hostile})
+    page = (tmp_path / "page.html").read_text()
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 6  # every one shown as text
+    assert "<strong>profile</strong>" in page and "<td" in page  # Markdown still renders
 
 
 def test_moved_aside_runs_are_listed_and_pruned_on_request(tmp_path, capsys):
