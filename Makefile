@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup report train search status test test-fast lab benchmark clean
+.PHONY: help setup report train search status tensorboard test test-fast lab benchmark clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,9 @@ search: setup ## Optuna recipe search of every model in PROFILE's search space, 
 
 status: ## epochs done, best PublicTest accuracy and time left per model of PROFILE's run
 	@$(BIN)/python -m ferlib status --profile $(PROFILE)
+
+tensorboard: setup ## live training curves of PROFILE's models (TensorBoard on http://localhost:6006)
+	$(BIN)/tensorboard --logdir runs/$(PROFILE)/models
 
 test: setup ## run the test suite (includes the slow smoke-pipeline test)
 	$(BIN)/python -m pytest

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ferlib import NUM_CLASSES, metrics
+from ferlib import NUM_CLASSES, metrics, tensorboard_logs
 from ferlib.config import model_settings
 from ferlib.data import FERData, class_weights, stratified_folds
 from ferlib.artifacts import ModelRun, Run
@@ -43,7 +43,7 @@ HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lea
 # its inputs (settings, data) are fingerprinted by value. Everything else that ``train`` runs,
 # wherever it lives, is "the training code" (see training_code).
 NOT_TRAINING_MODULES = ("ferlib.metrics", "ferlib.runs", "ferlib.config", "ferlib.data",
-                        "ferlib.artifacts", "ferlib.calibration")
+                        "ferlib.artifacts", "ferlib.calibration", "ferlib.tensorboard_logs")
 TIMING_COLUMNS = ["epoch", "seconds", "train_seconds", "eval_seconds", "images_per_second"]
 
 
@@ -446,9 +446,12 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
     if state:
         model = keras.models.load_model(out / state["checkpoint"])
         say(f"resuming after epoch {len(state['history'])} ({state['checkpoint']})")
+        # epochs committed just before the process died, before their logs were written
+        tensorboard_logs.log_epochs(out, state["history"], state["timing"], only_missing=True)
     else:
         model = build_for_settings(settings)
         compile_model(model, settings)
+        tensorboard_logs.log_graph(out, model, x_train.shape[1:])
         state = {"fingerprint": key, "key_parts": key_parts, "finished": False, "history": [],
                  "timing": [], "planned_epochs": train_settings["epochs"], "plateau_scale": 1.0,
                  "best_val_accuracy": -1.0, "best_epoch": None, "best_weights": None,
@@ -496,6 +499,7 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
         _update_state(state, model, out, epoch + 1, val_accuracy, val_loss, train_settings,
                       budget)
         _save_checkpoint(state, model, out, epoch + 1)
+        tensorboard_logs.log_epochs(out, state["history"][-1:], state["timing"][-1:])
         _log_epoch(say, state, train_settings, budget)
         if on_epoch is not None:
             on_epoch(dict(state["history"][-1]))
@@ -610,6 +614,10 @@ def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: 
             arrays["test_proba_tta"] = tta
             result["test_tta"] = metrics.classification_metrics(y_test, tta)
     atomic_save(lambda path: np.savez_compressed(path, **arrays), files.predictions)
+    tensorboard_logs.log_confusion_matrices(out, state["best_epoch"], {
+        split: (arrays[f"{key}_labels"], arrays[f"{key}_proba"].argmax(1))
+        for split, key in (("PublicTest", "val"), ("PrivateTest", "test"))
+        if f"{key}_proba" in arrays})
     write_json(files.metrics, result)
     state["finished"] = True
     write_json(files.state, state)

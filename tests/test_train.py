@@ -369,6 +369,62 @@ def test_resume_after_kill_9_lists_every_epoch_once(resumed):
 
 
 @pytest.mark.train
+def test_tensorboard_logs_of_a_resumed_run_hold_every_epoch_once(resumed):
+    """Read back with TensorBoard's own loader: each scalar has one value per epoch, equal to
+    the run's history, although the run was killed and resumed; the confusion matrices of the
+    best epoch and (on TensorFlow) the model graph are there too."""
+    from collections import Counter
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ferlib import tensorboard_logs
+
+    out = resumed["out"]
+    scalars = tensorboard_logs.read_scalars(out)
+    counts = Counter((tag, step) for tag, step, _ in scalars)
+    assert set(counts.values()) == {1}, [key for key, n in counts.items() if n > 1]
+    history = history_of(out)
+    for tag, column in tensorboard_logs.SCALARS.items():
+        logged = sorted((step, value) for name, step, value in scalars if name == tag)
+        assert [step for step, _ in logged] == list(range(1, RESUME_EPOCHS + 1)), tag
+        np.testing.assert_allclose([value for _, value in logged], history[column], rtol=1e-6)
+    board = EventAccumulator(str(tensorboard_logs.log_dir(out)))
+    board.Reload()
+    images = board.Images("confusion_matrix/PublicTest")
+    assert [image.step for image in images] == [read_json(out / "metrics.json")["best_epoch"]]
+    assert board.Tags()["graph"] == (keras.backend.backend() == "tensorflow")
+
+
+class _Died(BaseException):
+    """Stands for a kill: not an Exception, so nothing in ferlib catches it."""
+
+
+@pytest.mark.train
+def test_an_epoch_committed_just_before_a_kill_gets_its_logs_on_resume(tmp_path, data,
+                                                                        monkeypatch):
+    from ferlib import tensorboard_logs
+
+    writer = tensorboard_logs.log_epochs
+
+    def dies_before_logging(model_dir, history, timing, only_missing=False):
+        if not only_missing:
+            raise _Died  # after the epoch's commit point, before its event file
+        return writer(model_dir, history, timing, only_missing)
+
+    monkeypatch.setattr(tensorboard_logs, "log_epochs", dies_before_logging)
+    with pytest.raises(_Died):
+        ferlib.train.train("alexnet", data, make_params(), tmp_path, progress=False)
+    out = tmp_path / "models" / "alexnet"
+    assert len(read_json(out / "state.json")["history"]) == 1
+    assert not tensorboard_logs.epoch_file(out, 1).exists()
+    monkeypatch.setattr(tensorboard_logs, "log_epochs", writer)
+    ferlib.train.train("alexnet", data, make_params(), tmp_path, progress=False)
+    steps = sorted(step for tag, step, _ in tensorboard_logs.read_scalars(out)
+                   if tag == "loss/train")
+    assert steps == [1, 2]
+
+
+@pytest.mark.train
 def test_resumed_history_keeps_the_column_order(resumed, trained):
     out = resumed["out"]
     assert list(history_of(out).columns) == HISTORY_COLUMNS
