@@ -150,7 +150,7 @@ def _evaluate_command(args) -> int:
     result = apply.evaluate(args.model, args.data, out=args.out,
                             class_map=apply.parse_class_map(args.class_map), tta=args.tta,
                             n_boot=args.bootstrap, seed=args.seed,
-                            calibration=args.calibration)
+                            calibration=args.calibration, group_pattern=args.group_pattern)
     print(apply.format_evaluation(result))
     return 0
 
@@ -242,6 +242,11 @@ def _add_apply_commands(commands) -> None:
     evaluate_parser.add_argument("--out", default="evaluation",
                                  help="folder for metrics.json and confusion_matrix.png "
                                       "(default: ./evaluation)")
+    evaluate_parser.add_argument("--group-pattern", metavar="REGEX",
+                                 help="a regular expression whose match in a file name (its "
+                                 "first group, if any) names the image's subject or sequence; "
+                                 "the intervals then resample whole groups (e.g. '^(S\\d+)_' "
+                                 "for CK+)")
     evaluate_parser.add_argument("--class-map", metavar="FOLDER=EMOTION,...",
                                  help="extra class-folder names, e.g. contempt=disgust,joy=happy")
     evaluate_parser.add_argument("--tta", action="store_true",

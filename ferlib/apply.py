@@ -85,7 +85,7 @@ def _check_class_map(class_map):
 
 
 def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_boot=1000,
-             seed=0, calibration=True) -> dict:
+             seed=0, calibration=True, group_pattern=None) -> dict:
     """Score a saved model on every image of a labelled dataset.
 
     Classes absent from the dataset are left out of the macro averages, AUC, per-class report
@@ -112,6 +112,11 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
     calibration : bool
         Scale the probabilities by the temperature in ``calibration.json`` beside the model,
         if there is one.
+    group_pattern : str, optional
+        A regular expression searched in each image's file name whose match (its first group,
+        if it has one) names the subject or sequence the image belongs to, e.g. ``^(S\\d+)_``
+        for CK+'s ``S010_004_00000019.png``. The intervals then resample whole groups, so
+        several images of one subject count as one independent sample.
 
     Returns
     -------
@@ -139,12 +144,13 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
     masked_proba /= np.maximum(masked_proba.sum(axis=1, keepdims=True), np.finfo(float).tiny)
     masked_predictions = masked_proba.argmax(axis=1)
 
-    intervals = _intervals(data.labels, proba, ("accuracy",), n_boot, seed)
-    masked = _intervals(masked_labels, masked_proba, SUMMARY_METRICS, n_boot, seed)
+    groups = image_groups(data.source_ids, group_pattern)
+    intervals = _intervals(data.labels, proba, ("accuracy",), n_boot, seed, groups)
+    masked = _intervals(masked_labels, masked_proba, SUMMARY_METRICS, n_boot, seed, groups)
     intervals["accuracy_masked"] = masked.pop("accuracy")
     intervals.update(masked)
     ece = metrics.ece_bootstrap_ci(data.labels, proba, n_boot=n_boot, seed=seed,
-                                   confidence=CONFIDENCE)
+                                   confidence=CONFIDENCE, groups=groups)
     intervals["ece"] = {key: _number(value) if n_boot > 0 or key == "value" else None
                         for key, value in ece.items()}
 
@@ -160,6 +166,8 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
         "converted": int(data.converted), "class_map": class_map or {}, "tta": bool(tta),
         "temperature": temperature,
         "bootstrap_resamples": int(n_boot), "seed": int(seed), "confidence": CONFIDENCE,
+        "group_pattern": group_pattern,
+        "groups": None if groups is None else int(len(np.unique(groups))),
         "classes": class_names,
         "absent_classes": [name for name in EMOTIONS if name not in class_names],
         "accuracy": intervals["accuracy"]["value"],
@@ -177,7 +185,30 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
     return result
 
 
-def _intervals(labels, probabilities, metric_names, n_boot, seed) -> dict:
+def image_groups(source_ids, pattern):
+    """The group (subject, sequence) of each image from its file name, or None without a
+    pattern. A name the pattern does not match is an error naming it."""
+    if not pattern:
+        return None
+    import re
+
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"group pattern {pattern!r}: not a regular expression ({error})") \
+            from None
+    groups = []
+    for source in source_ids:
+        name = Path(str(source)).name
+        match = compiled.search(name)
+        if match is None:
+            raise ValueError(f"group pattern {pattern!r} does not match the file name "
+                             f"{name!r}; every image needs a group")
+        groups.append(match.group(1) if compiled.groups else match.group(0))
+    return np.asarray(groups)
+
+
+def _intervals(labels, probabilities, metric_names, n_boot, seed, groups=None) -> dict:
     """Metric -> value, low, high (JSON-safe); the bounds are None when ``n_boot`` is 0."""
     from ferlib import metrics
 
@@ -186,7 +217,8 @@ def _intervals(labels, probabilities, metric_names, n_boot, seed) -> dict:
         return {name: {"value": _number(np.nan if scores[name] is None else scores[name]),
                        "low": None, "high": None} for name in metric_names}
     table = metrics.bootstrap_ci(labels, probabilities, n_boot=n_boot, seed=seed,
-                                 confidence=CONFIDENCE, metric_names=metric_names)
+                                 confidence=CONFIDENCE, metric_names=metric_names,
+                                 groups=groups)
     return {row.metric: {"value": _number(row.value), "low": _number(row.low),
                          "high": _number(row.high)} for row in table.itertuples()}
 
@@ -234,6 +266,8 @@ def format_evaluation(result) -> str:
                             for v in (interval["value"], interval["low"], interval["high"]))
         rows.append({"metric": names[key], "value": value, "95% CI": f"[{low}, {high}]"})
     tta = ", test-time mirror averaging" if result["tta"] else ""
+    if result.get("groups"):
+        tta += f", resampling {result['groups']} groups of {result['group_pattern']!r}"
     temperature = result.get("temperature")
     if isinstance(result["model"], list):
         members = ", ".join(f"{model} (T = {t:.3f})" if t is not None else f"{model} "

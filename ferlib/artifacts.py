@@ -63,6 +63,7 @@ METRICS = "metrics.json"
 SETTINGS = "settings.json"
 STATE = "state.json"
 CALIBRATION = "calibration.json"
+CROSS_SUMMARY = "cross_dataset.json"  # a model's results on the cross datasets (05_cross)
 CV_METRICS = "cv_metrics.json"
 CV_PREDICTIONS = "cv_predictions.npz"
 

@@ -127,6 +127,9 @@ SCHEMA = {
     # Per-model augmentation strengths (a searched recipe may want its own).
     "augment_overrides": {name: dict(AUGMENT_SCHEMA) for name in MODEL_NAMES},
     "search": SEARCH_SCHEMA,
+    # Extra labelled datasets for the cross-dataset page (05_cross): name -> a path (``$VAR``
+    # and ``~`` expanded) or {path, group_pattern, class_map}; see ferlib.cross.
+    "cross_datasets": (dict, {}),
     "report": {
         "bootstrap_samples": (int, 1000),
         "misclassified_examples": (int, 24),
@@ -255,7 +258,44 @@ def validate(params: dict) -> dict:
             raise ValueError(f"model_params.{name}.hidden_dim: {model['hidden_dim']} does not "
                              f"split into {model['num_heads']} heads (num_heads)")
     _validate_search(resolved)
+    _validate_cross_datasets(resolved["cross_datasets"])
     return resolved
+
+
+CROSS_DATASET_KEYS = ("path", "group_pattern", "class_map")
+
+
+def _validate_cross_datasets(datasets: dict) -> None:
+    """Each entry a path string, or a mapping with a ``path`` and optional ``group_pattern``
+    (a regular expression) and ``class_map`` (folder name -> emotion)."""
+
+    for name, entry in datasets.items():
+        where = f"cross_datasets.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            raise ValueError(f"{where}: a dataset name is letters, digits, '_', '.' or '-' "
+                             f"(it names files)")
+        if isinstance(entry, str):
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a path or a mapping with path, group_pattern, "
+                             f"class_map; got {entry!r}")
+        unknown = sorted(set(entry) - set(CROSS_DATASET_KEYS))
+        if unknown:
+            raise ValueError(f"unknown key '{where}.{unknown[0]}'; allowed keys: "
+                             f"{', '.join(CROSS_DATASET_KEYS)}")
+        if not isinstance(entry.get("path"), str):
+            raise ValueError(f"{where}.path: expected a path string, got {entry.get('path')!r}")
+        pattern = entry.get("group_pattern")
+        if pattern is not None:
+            try:
+                re.compile(str(pattern))
+            except re.error as error:
+                raise ValueError(f"{where}.group_pattern: not a regular expression "
+                                 f"({error})") from None
+        class_map = entry.get("class_map")
+        if class_map is not None and not isinstance(class_map, dict):
+            raise ValueError(f"{where}.class_map: expected folder name -> emotion, got "
+                             f"{class_map!r}")
 
 
 # ----------------------------------------------------------------------------- search space
@@ -280,6 +320,14 @@ def search_target(path: str, model_name: str, where: str | None = None):
                          + (f" of {model_name}" if group == "model" else "")
                          + f"; allowed keys: {', '.join(schemas[group])}")
     return schemas[group][key]
+
+
+def record_path(params: dict, model_name: str) -> Path | None:
+    """The committed journal of one model's recipe search (``search.record``), or None."""
+    folder = params["search"].get("record")
+    if not folder:
+        return None
+    return (PROJECT_ROOT / folder / f"{model_name}.journal").resolve()
 
 
 def search_overrides(values: dict, model_name: str) -> dict:

@@ -217,9 +217,36 @@ def _weighted_auc_macro(weights, y_true, proba):
     return np.where(num_defined > 0, np.nansum(aucs, axis=1) / np.maximum(num_defined, 1), np.nan)
 
 
+def _group_index(groups, num_samples):
+    """Group labels (any hashable per sample) -> integer codes, or None."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if len(groups) != num_samples:
+        raise ValueError(f"groups: {len(groups)} labels for {num_samples} samples")
+    return np.unique(groups, return_inverse=True)[1].ravel()
+
+
+def _resample_weights(rng, size, num_samples, groups=None):
+    """(size, N) draw counts of ``size`` bootstrap resamples: of the samples, or, with
+    ``groups`` (integer codes per sample), of whole groups (a cluster bootstrap: every image of
+    a drawn subject or sequence comes with it, so correlated images are not counted as
+    independent evidence)."""
+    if groups is None:
+        draws = rng.integers(0, num_samples, size=(size, num_samples))
+        offsets = np.arange(size)[:, None] * num_samples
+        weights = np.bincount((draws + offsets).ravel(), minlength=size * num_samples)
+        return weights.reshape(size, num_samples).astype(np.float64)
+    num_groups = int(groups.max()) + 1
+    draws = rng.integers(0, num_groups, size=(size, num_groups))
+    offsets = np.arange(size)[:, None] * num_groups
+    counts = np.bincount((draws + offsets).ravel(), minlength=size * num_groups)
+    return counts.reshape(size, num_groups)[:, groups].astype(np.float64)
+
+
 def bootstrap_ci(y_true, proba, n_boot=1000, seed=0, confidence=0.95,
                  metric_names=("accuracy", "precision_macro", "recall_macro", "f1_macro",
-                               "auc_macro")):
+                               "auc_macro"), groups=None):
     """Percentile bootstrap confidence intervals by resampling the test set.
 
     Every resample is represented by its draw counts, so all metrics come from matrix
@@ -239,6 +266,8 @@ def bootstrap_ci(y_true, proba, n_boot=1000, seed=0, confidence=0.95,
         Central interval mass, e.g. 0.95.
     metric_names : sequence of str
         Any of accuracy, top2_accuracy, precision/recall/f1 _macro/_weighted, auc_macro.
+    groups : array_like, shape (N,), optional
+        A group label per sample (subject, sequence): resample whole groups.
 
     Returns
     -------
@@ -247,6 +276,7 @@ def bootstrap_ci(y_true, proba, n_boot=1000, seed=0, confidence=0.95,
     """
     y_true, proba = _check_inputs(y_true, proba)
     num_samples, num_classes = proba.shape
+    groups = _group_index(groups, num_samples)
     point = classification_metrics(y_true, proba)
     unknown = [name for name in metric_names if name not in point or name == "auc_per_class"]
     if unknown:
@@ -262,13 +292,10 @@ def bootstrap_ci(y_true, proba, n_boot=1000, seed=0, confidence=0.95,
     chunk_size = max(1, 2_000_000 // max(num_samples, 1))
     for start in range(0, n_boot, chunk_size):
         size = min(chunk_size, n_boot - start)
-        draws = rng.integers(0, num_samples, size=(size, num_samples))
-        offsets = np.arange(size)[:, None] * num_samples
-        weights = np.bincount((draws + offsets).ravel(), minlength=size * num_samples)
-        weights = weights.reshape(size, num_samples).astype(np.float64)
+        weights = _resample_weights(rng, size, num_samples, groups)
         cm = (weights @ cell).reshape(size, num_classes, num_classes)
         chunk = _scores_from_confusion(cm)
-        chunk["top2_accuracy"] = weights @ top2_hit / num_samples
+        chunk["top2_accuracy"] = weights @ top2_hit / weights.sum(axis=1)
         if "auc_macro" in metric_names:
             chunk["auc_macro"] = _weighted_auc_macro(weights, y_true, proba)
         for name in metric_names:
@@ -492,7 +519,8 @@ def negative_log_likelihood(y_true, proba, eps=1e-12):
     return float(-np.log(np.clip(proba[np.arange(len(y_true)), y_true], eps, 1)).mean())
 
 
-def ece_bootstrap_ci(y_true, proba, n_boot=1000, seed=0, bins=15, confidence=0.95):
+def ece_bootstrap_ci(y_true, proba, n_boot=1000, seed=0, bins=15, confidence=0.95,
+                     groups=None):
     """Top-label ECE with a percentile bootstrap interval over resampled test sets.
 
     Parameters
@@ -506,6 +534,8 @@ def ece_bootstrap_ci(y_true, proba, n_boot=1000, seed=0, bins=15, confidence=0.9
     bins : int
     confidence : float
         Central interval mass.
+    groups : array_like, shape (N,), optional
+        A group label per sample: resample whole groups (see :func:`bootstrap_ci`).
 
     Returns
     -------
@@ -514,6 +544,7 @@ def ece_bootstrap_ci(y_true, proba, n_boot=1000, seed=0, bins=15, confidence=0.9
     """
     _, scores, correct = _top_label(y_true, proba)
     num_samples = len(scores)
+    groups = _group_index(groups, num_samples)
     value = _binned_gap(scores, correct, bins)
     if n_boot <= 0 or not num_samples:
         return {"value": value, "low": float("nan"), "high": float("nan")}
@@ -525,11 +556,8 @@ def ece_bootstrap_ci(y_true, proba, n_boot=1000, seed=0, bins=15, confidence=0.9
     values = []
     for start in range(0, n_boot, chunk_size):
         size = min(chunk_size, n_boot - start)
-        draws = rng.integers(0, num_samples, size=(size, num_samples))
-        offsets = np.arange(size)[:, None] * num_samples
-        weights = np.bincount((draws + offsets).ravel(), minlength=size * num_samples)
-        weights = weights.reshape(size, num_samples).astype(np.float64)
-        values.append(np.abs(weights @ cell).sum(axis=1) / num_samples)
+        weights = _resample_weights(rng, size, num_samples, groups)
+        values.append(np.abs(weights @ cell).sum(axis=1) / weights.sum(axis=1))
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(np.concatenate(values), [tail, 100 - tail])
     return {"value": value, "low": float(low), "high": float(high)}

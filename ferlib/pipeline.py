@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from ferlib.artifacts import Run
-from ferlib import PROJECT_ROOT
-from ferlib.config import load_params, parse_overrides
+from ferlib import MODEL_NAMES, PROJECT_ROOT
+from ferlib.config import load_params, parse_overrides, record_path
 from ferlib.data import file_sha256, resolve_data_path
 from ferlib.runs import (atomic_write_bytes, atomic_write_text, code_hash, environment,
                          remove_dead_temporaries,
@@ -51,6 +51,7 @@ def plan(params: dict) -> list[tuple[str, str, dict]]:
     steps += [(f"03_train_{name}", "03_train.ipynb", {"model": name})
               for name in params["models"]]
     steps.append(("04_compare", "04_compare.ipynb", {}))
+    steps.append(("05_cross", "05_cross.ipynb", {}))
     return steps
 
 
@@ -146,7 +147,9 @@ def step_artifacts(params: dict, step: str, extra: dict) -> dict[str, list[str]]
     if step == "01_eda":
         return {"reads": [], "writes": [artifacts.EDA]}
     if step == "02_preprocess":
-        return {"reads": [artifacts.SEARCH_STORAGE],
+        records = [record_path(params, model) for model in params["search"]["space"]
+                   if model in MODEL_NAMES] if params["search"].get("record") else []
+        return {"reads": [artifacts.SEARCH_STORAGE] + [str(path) for path in records],
                 "writes": [artifacts.SPLIT, artifacts.DATA_SUMMARY]
                 + ([artifacts.FOLDS] if params.get("cv_folds") else [])}
     if step.startswith("03_train"):
@@ -158,8 +161,13 @@ def step_artifacts(params: dict, step: str, extra: dict) -> dict[str, list[str]]
         return {"reads": results(params["models"]),
                 "writes": [(run.compare / name).as_posix()
                            for name in artifacts.COMPARE_TABLES.values()]}
+    if step == "05_cross":
+        return {"reads": results(params["models"]),
+                "writes": ["cross/"] + [(run.model(model).directory / artifacts.CROSS_SUMMARY
+                                         ).as_posix()
+                                        for model in params["models"]]}
     raise ValueError(f"step {step!r}: unknown; expected one of 01_eda, 02_preprocess, "
-                     f"03_train_<model>, 04_compare")
+                     f"03_train_<model>, 04_compare, 05_cross")
 
 
 def upstream_results(params: dict, step: str, extra: dict) -> list[str]:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from ferlib import MODEL_NAMES
-from ferlib.config import deep_merge, search_overrides, search_target, validate
+from ferlib.config import deep_merge, record_path, search_overrides, search_target, validate
 
 STORAGE_FILE = "studies.db"
 # Trials of these states are results and count towards the budget; a failed trial does not.
@@ -158,16 +158,6 @@ def open_study(params: dict, model_name: str, storage: str | None = None, *,
     study.set_user_attr("space", model_space(params, model_name))
     study.set_user_attr("fixed", search["fixed"])
     return study
-
-
-def record_path(params: dict, model_name: str) -> Path | None:
-    """The committed journal of one model's study (``search.record``), or None."""
-    from ferlib import PROJECT_ROOT
-
-    folder = params["search"].get("record")
-    if not folder:
-        return None
-    return (PROJECT_ROOT / folder / f"{model_name}.journal").resolve()
 
 
 def _shown(path: Path) -> str:

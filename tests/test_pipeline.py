@@ -57,9 +57,9 @@ def test_changing_a_module_reruns_exactly_the_steps_that_run_it(tmp_path, monkey
     assert changed["data"] == changed["pipeline"] == steps
     assert changed["train"] == ["02_preprocess", *trains]  # 04 reads artifacts only
     # calibration is reached through results: derived, not listed, so it is not forgotten
-    assert changed["calibration"] == ["02_preprocess", *trains, "04_compare"]
+    assert changed["calibration"] == ["02_preprocess", *trains, "04_compare", "05_cross"]
     assert changed["search"] == ["02_preprocess"]
-    assert changed["apply"] == []  # no notebook uses it
+    assert changed["apply"] == ["05_cross"]  # through ferlib.cross
     assert changed["__main__"] == []  # the CLI runs no notebook
 
 
@@ -303,8 +303,10 @@ def smoke_run(fixture_dataset, tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("FER2013_PATH", str(fixture_dataset))
     patch.setenv("FERLIB_CACHE", str(work / "cache"))
+    cross = make_fer_folder(work / "other_faces", {"PrivateTest": ("test", 3)}, seed=5)
     code = pipeline.report("smoke", run_root=str(work / "runs"),
-                           reports_root=str(work / "reports"))
+                           reports_root=str(work / "reports"),
+                           overrides=[f"cross_datasets.generated={cross}"])
     yield code, work
     patch.undo()
 
@@ -317,7 +319,7 @@ def test_smoke_pipeline_writes_every_report(smoke_run):
     origin = json.loads((work / "runs" / "smoke" / "manifest.json").read_text())["provenance"]
     commit = origin["git_commit"][:7] if origin["git_commit"] else "unknown"
     expected = ["index", "01_eda", "02_preprocess", "03_train_alexnet", "03_train_resnet50v2",
-                "03_train_vit", "04_compare"]
+                "03_train_vit", "04_compare", "05_cross"]
     for name in expected:
         page = (reports / f"{name}.html").read_text()
         assert len(page) > 1000, name
@@ -341,6 +343,9 @@ def test_smoke_pipeline_writes_every_report(smoke_run):
     compare = (reports / "04_compare.html").read_text()
     for heading in ("paper", "McNemar", "Conclusion", "Learning curves"):
         assert heading in compare
+    cross = (reports / "05_cross.html").read_text()
+    assert "generated" in cross and "ensemble" in cross and "95% CI" in cross
+    assert len(re.findall(r"\[0\.\d{3}, [01]\.\d{3}\]", cross)) >= 4 * 3  # 4 rows x 3 CIs
 
 
 @pytest.mark.slow
@@ -353,7 +358,7 @@ def test_smoke_pipeline_artifacts(smoke_run):
     assert manifest["provenance"]["profile"] == "smoke"
     assert set(manifest["step_seconds"]) == {"01_eda", "02_preprocess", "03_train_alexnet",
                                              "03_train_resnet50v2", "03_train_vit",
-                                             "04_compare"}
+                                             "04_compare", "05_cross"}
     assert (run / "params.yaml").exists() and (run / "split.csv").exists()
     for model in ("alexnet", "resnet50v2", "vit"):
         directory = run / "models" / model
@@ -371,11 +376,13 @@ def test_rerun_skips_finished_steps(smoke_run, fixture_dataset, capsys, monkeypa
     monkeypatch.setenv("FER2013_PATH", str(fixture_dataset))
     monkeypatch.setenv("FERLIB_CACHE", str(work / "cache"))
     capsys.readouterr()
+    cross = make_fer_folder(work / "other_faces", {"PrivateTest": ("test", 3)}, seed=5)
     code = pipeline.report("smoke", run_root=str(work / "runs"),
-                           reports_root=str(work / "reports"))
+                           reports_root=str(work / "reports"),
+                           overrides=[f"cross_datasets.generated={cross}"])
     assert code == 0
     output = capsys.readouterr().out
-    assert output.count("up to date, skipped") == 6, output
+    assert output.count("up to date, skipped") == 7, output
     assert HEADER_FIRST.search((work / "reports" / "smoke" / "index.html").read_text())
 
 
