@@ -43,7 +43,7 @@ HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lea
 # its inputs (settings, data) are fingerprinted by value. Everything else that ``train`` runs,
 # wherever it lives, is "the training code" (see training_code).
 NOT_TRAINING_MODULES = ("ferlib.metrics", "ferlib.runs", "ferlib.config", "ferlib.data",
-                        "ferlib.artifacts", "ferlib.calibration")
+                        "ferlib.artifacts", "ferlib.calibration", "ferlib.card")
 TIMING_COLUMNS = ["epoch", "seconds", "train_seconds", "eval_seconds", "images_per_second"]
 
 
@@ -353,7 +353,7 @@ def finished_result(model_name: str, data: FERData, params: dict, run_dir,
 
 
 def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bool = True,
-          subdir: str | None = None, on_epoch=None) -> dict:
+          subdir: str | None = None, on_epoch=None, build=None) -> dict:
     """Train ``model_name`` on ``data``'s train split, select on val, report test once.
 
     Parameters
@@ -371,6 +371,10 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
     on_epoch : callable, optional
         Called with each finished epoch's history row (a dict) once that epoch is committed;
         the recipe search reports to Optuna here, and may stop the training by raising.
+    build : callable, optional
+        ``build(settings) -> keras.Model``, the model to start from and to rebuild the best
+        one in (default :func:`build_for_settings`); fine-tuning passes one that loads a
+        trained model (``ferlib.finetune``). Its inputs belong in ``settings``.
 
     Returns
     -------
@@ -384,10 +388,11 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
     """
     with Run(run_dir).lock(model_name, subdir):  # one writer per model run
         return _train_unlocked(model_name, data, params, run_dir, progress=progress,
-                               subdir=subdir, on_epoch=on_epoch)
+                               subdir=subdir, on_epoch=on_epoch, build=build)
 
 
-def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_epoch) -> dict:
+def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_epoch,
+                    build=None) -> dict:
     import keras
 
     import ferlib.models  # noqa: F401  (registers custom layers for loading checkpoints)
@@ -440,20 +445,20 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
     distribution = prepare_backend(settings)
     batch_size = train_settings["batch_size"]
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
-    onehot = keras.utils.to_categorical(y_train, NUM_CLASSES).astype("float32")
     weights = class_weights(y_train) if train_settings["class_weights"] else None
 
     if state:
         model = keras.models.load_model(out / state["checkpoint"])
         say(f"resuming after epoch {len(state['history'])} ({state['checkpoint']})")
     else:
-        model = build_for_settings(settings)
+        model = (build or build_for_settings)(settings)
         compile_model(model, settings)
         state = {"fingerprint": key, "key_parts": key_parts, "finished": False, "history": [],
                  "timing": [], "planned_epochs": train_settings["epochs"], "plateau_scale": 1.0,
                  "best_val_accuracy": -1.0, "best_epoch": None, "best_weights": None,
                  "checkpoint": None, "wait": 0, "best_val_loss": float("inf"),
                  "plateau_wait": 0, "stopped_reason": None, "train_seconds": 0.0}
+    onehot = keras.utils.to_categorical(y_train, model.output_shape[-1]).astype("float32")
     show_bar = progress and sys.stderr.isatty()
     callbacks = _make_callbacks(state, steps_per_epoch, train_settings, show_bar)
     budget = (train_settings["budget_minutes"] or 0) * 60
@@ -502,7 +507,7 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
 
     result = _finish(model_name, state, settings, out, (x_val, y_val), (x_test, y_test),
                      data, say, run_dir=Path(run_dir), part=subdir or "",
-                     distribution=distribution)
+                     distribution=distribution, build=build)
     if replacing is not None:
         _replace(replacing, files, say)
     return result
@@ -577,9 +582,9 @@ def _log_epoch(say, state, train, budget) -> None:
 
 
 def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: Path,
-            part: str, distribution: dict) -> dict:
+            part: str, distribution: dict, build=None) -> dict:
     """Reload the best weights into a clean model, predict val/test, write metrics."""
-    model = build_for_settings(settings)
+    model = (build or build_for_settings)(settings)
     files = ModelRun(out)
     model.load_weights(out / state["best_weights"])
     atomic_save(model.save, files.best_model)
@@ -618,6 +623,9 @@ def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: 
     from ferlib.calibration import calibrate_model_dir
 
     calibrate_model_dir(out)  # a trained folder is complete: evaluate / predict use it
+    from ferlib.card import write_model_card
+
+    write_model_card(out, data)  # MODEL_CARD.md, from the files just written
     test_text = f", test acc {result['test']['accuracy']:.3f}" if "test" in result else ""
     say(f"done ({state['stopped_reason']}): best val acc {state['best_val_accuracy']:.3f} at "
         f"epoch {state['best_epoch']}{test_text}")
