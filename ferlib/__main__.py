@@ -1,6 +1,6 @@
 """Command line: ``python -m ferlib <command>`` (report, train, search, status, results,
-evaluate, predict, export, data-summary). Every command's options are declared here; the
-work is done by the library modules."""
+evaluate, predict, export, finetune, card, data-summary). Every command's options are declared
+here; the work is done by the library modules."""
 
 from __future__ import annotations
 
@@ -361,6 +361,101 @@ def _add_export_commands(commands) -> None:
     parser.set_defaults(handler=_export_command)
 
 
+# ----------------------------------------------------------------------------- finetune, card
+
+def _finetune_command(args) -> int:
+    from ferlib.finetune import finetune
+
+    classes = [name.strip() for name in args.classes.split(",") if name.strip()] \
+        if args.classes else None
+    finetune(args.model, args.data, args.out, classes=classes,
+             class_map=apply.parse_class_map(args.class_map), keep_head=args.keep_head,
+             epochs=args.epochs, freeze_epochs=args.freeze_epochs,
+             learning_rate=args.learning_rate, head_learning_rate=args.head_learning_rate,
+             patience=args.patience, batch_size=args.batch_size,
+             val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    return 0
+
+
+def _card_command(args) -> int:
+    from ferlib.card import write_model_card
+
+    folder = Path(args.model)
+    folder = folder.parent if folder.suffix == ".keras" else folder
+    print(f"wrote {write_model_card(folder)}")
+    return 0
+
+
+def _add_finetune_commands(commands) -> None:
+    """Add the ``finetune`` and ``card`` commands to ``python -m ferlib``.
+
+    Parameters
+    ----------
+    commands : argparse subparsers object
+        From ``parser.add_subparsers()``; each command sets ``handler``.
+    """
+    from ferlib.finetune import DEFAULTS
+
+    parser = commands.add_parser(
+        "finetune", help="fine-tune a trained model on your own labelled faces (folder or zip)",
+        description="Fine-tune a trained model on a labelled image folder or zip (one "
+                    "subfolder per class, optionally under train/, val/, test/), with the "
+                    "training of the study: resumable (rerun the same command), early "
+                    "stopping on the validation split, temperature scaling, the test split "
+                    "scored once. Classes are read by name: the 7 emotions keep the model's "
+                    "head (--keep-head: also a subset of them); other or fewer classes get a "
+                    "new head, which the first line says. Training runs in two phases: "
+                    "--freeze-epochs N epochs with the backbone frozen (only the head learns, "
+                    "at --head-learning-rate), then every layer at the lower --learning-rate "
+                    "for up to --epochs, from the frozen phase's best weights. OUT becomes a "
+                    "model folder (best.keras for evaluate, predict, export) with report.html "
+                    "and MODEL_CARD.md.")
+    parser.add_argument("--model", required=True,
+                        help="the source model, e.g. runs/quick/models/alexnet/best.keras "
+                             "(its settings.json must be beside it)")
+    parser.add_argument("--data", required=True, help="image folder or zip: <class>/*.jpg, "
+                        "optionally under train/, val/ and test/")
+    parser.add_argument("--out", required=True, help="the new model folder (a rerun resumes)")
+    parser.add_argument("--classes", metavar="A,B,...",
+                        help="the new head's classes, in order (default: the dataset's own; "
+                             "classes left out are not read)")
+    parser.add_argument("--class-map", metavar="FOLDER=CLASS,...",
+                        help="extra folder names, e.g. joy=happy,contempt=disgust")
+    parser.add_argument("--keep-head", action="store_true",
+                        help="keep the source model's outputs; every class must be one of them")
+    parser.add_argument("--epochs", type=int, help=f"most epochs with every layer training "
+                        f"(default {DEFAULTS['epochs']}; early stopping may end sooner)")
+    parser.add_argument("--freeze-epochs", type=int, metavar="N",
+                        help=f"first train only the head for up to N epochs, the backbone "
+                             f"frozen (default {DEFAULTS['freeze_epochs']}: no frozen phase)")
+    parser.add_argument("--learning-rate", type=float, help=f"rate once every layer trains "
+                        f"(default {DEFAULTS['learning_rate']:g}, cosine to 0)")
+    parser.add_argument("--head-learning-rate", type=float,
+                        help=f"rate of the frozen phase (default "
+                             f"{DEFAULTS['head_learning_rate']:g})")
+    parser.add_argument("--patience", type=int, help=f"early stopping: epochs without a better "
+                        f"validation accuracy (default {DEFAULTS['patience']})")
+    parser.add_argument("--batch-size", type=int, help="default: the source model's")
+    parser.add_argument("--val-fraction", type=float,
+                        help=f"validation slice of train when the data has no val/ folder "
+                             f"(default {DEFAULTS['val_fraction']:g}, stratified)")
+    parser.add_argument("--test-fraction", type=float,
+                        help=f"test slice of train when the data has no test/ folder "
+                             f"(default {DEFAULTS['test_fraction']:g}, stratified)")
+    parser.add_argument("--seed", type=int, help=f"seed of the slices and the training "
+                        f"(default {DEFAULTS['seed']})")
+    parser.set_defaults(handler=_finetune_command)
+
+    card = commands.add_parser(
+        "card", help="write MODEL_CARD.md of a finished model folder again (from its files)",
+        description="Write MODEL_CARD.md into a trained or fine-tuned model folder from its "
+                    "files (metrics, predictions, calibration, data record; cross_dataset.json "
+                    "and saliency_check.json when present; the run's accuracy without "
+                    "duplicates once 04_compare has run).")
+    card.add_argument("--model", required=True, help="the model folder or its best.keras")
+    card.set_defaults(handler=_card_command)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ferlib", description=__doc__,
@@ -432,6 +527,7 @@ def main(argv=None) -> int:
 
     _add_apply_commands(commands)
     _add_export_commands(commands)
+    _add_finetune_commands(commands)
 
     args = parser.parse_args(argv)
     try:

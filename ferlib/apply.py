@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferlib import EMOTIONS, NUM_CLASSES
+from ferlib import EMOTIONS
 from ferlib.faces import (FACE_MARGIN, check_outputs, crop_face, detect_faces, draw_faces,
                           face_detector, save_png)
 from ferlib.inference import Predictor, model_files
@@ -75,13 +75,15 @@ def parse_class_map(text):
     return class_map
 
 
-def _check_class_map(class_map):
+def _check_class_map(class_map, classes=EMOTIONS):
     from ferlib.data import class_index
 
+    own = None if tuple(classes) == EMOTIONS else tuple(classes)
     for folder, emotion in (class_map or {}).items():
-        if class_index(emotion) is None:
-            raise ValueError(f"class map: {folder}={emotion}: {emotion!r} is not an emotion; "
-                             f"allowed values: {', '.join(EMOTIONS)}")
+        if class_index(emotion, classes=own) is None:
+            raise ValueError(f"class map: {folder}={emotion}: {emotion!r} is not "
+                             f"{'an emotion' if own is None else 'a class of the model'}; "
+                             f"allowed values: {', '.join(classes)}")
 
 
 def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_boot=1000,
@@ -129,16 +131,19 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
     """
     from ferlib import metrics
     from ferlib.data import SPLITS, load_fer2013
+    from ferlib.inference import class_names as model_classes
 
-    _check_class_map(class_map)
-    model_files(model_path)
-    data = load_fer2013(data_path, class_map=class_map, on_error="skip", cache=False)
+    classes = model_classes(model_files(model_path)[0])
+    _check_class_map(class_map, classes)
+    own = None if classes == EMOTIONS else classes
+    data = load_fer2013(data_path, class_map=class_map, on_error="skip", cache=False,
+                        classes=own)
     predictor = Predictor(model_path, calibration)
     temperature = predictor.temperature
     proba = predictor.probabilities(data.images, tta)
 
     present = np.unique(data.labels)
-    class_names = [EMOTIONS[k] for k in present]
+    class_names = [classes[k] for k in present]
     masked_labels = np.searchsorted(present, data.labels)
     masked_proba = proba[:, present]
     masked_proba /= np.maximum(masked_proba.sum(axis=1, keepdims=True), np.finfo(float).tiny)
@@ -168,8 +173,8 @@ def evaluate(model_path, data_path, *, out=None, class_map=None, tta=False, n_bo
         "bootstrap_resamples": int(n_boot), "seed": int(seed), "confidence": CONFIDENCE,
         "group_pattern": group_pattern,
         "groups": None if groups is None else int(len(np.unique(groups))),
-        "classes": class_names,
-        "absent_classes": [name for name in EMOTIONS if name not in class_names],
+        "classes": class_names, "outputs": len(classes),
+        "absent_classes": [name for name in classes if name not in class_names],
         "accuracy": intervals["accuracy"]["value"],
         "accuracy_masked": intervals["accuracy_masked"]["value"],
         "confidence_intervals": intervals,
@@ -245,6 +250,7 @@ def format_evaluation(result) -> str:
     import pandas as pd
 
     splits = ", ".join(f"{split} {count}" for split, count in result["per_split"].items())
+    outputs = result.get("outputs", len(EMOTIONS))
     lines = [f"{result['data']}: {result['images']:,} images used ({splits}); "
              f"{result['converted']} converted to 48x48 gray, {result['skipped']} unreadable "
              f"skipped"]
@@ -252,8 +258,9 @@ def format_evaluation(result) -> str:
     if result["absent_classes"]:
         lines.append(f"absent classes: {', '.join(result['absent_classes'])}; the metrics "
                      f"below are over the {len(result['classes'])} classes present, with the "
-                     f"absent classes' outputs masked, except 'accuracy (all 7 outputs)'")
-    names = {"accuracy": "accuracy (all 7 outputs)" if result["absent_classes"] else "accuracy",
+                     f"absent classes' outputs masked, except 'accuracy (all {outputs} outputs)'")
+    names = {"accuracy": f"accuracy (all {outputs} outputs)" if result["absent_classes"]
+             else "accuracy",
              "accuracy_masked": "accuracy (absent masked)", "precision_macro": "precision (macro)",
              "recall_macro": "recall (macro)", "f1_macro": "F1 (macro)",
              "auc_macro": "AUC (one-vs-rest, macro)", "ece": "ECE (top label, 15 bins)"}
@@ -356,9 +363,11 @@ def predict(paths, model_path, *, detect=True, top=3, annotate=None, calibration
         "probability"}``, most likely first, and with ``explain``, ``explanation``, the
         written file) and, with ``annotate``, ``annotated`` (the written file).
     """
-    if not 1 <= top <= NUM_CLASSES:
-        raise ValueError(f"top must be between 1 and {NUM_CLASSES}; got {top}")
-    model_files(model_path)
+    from ferlib.inference import class_names
+
+    classes = class_names(model_files(model_path)[0])
+    if not 1 <= top <= len(classes):
+        raise ValueError(f"top must be between 1 and {len(classes)}; got {top}")
     if explain is not None:
         from ferlib.explain import METHODS
 
@@ -394,7 +403,7 @@ def predict(paths, model_path, *, detect=True, top=3, annotate=None, calibration
             for box, probabilities in zip(boxes, proba):
                 best = np.argsort(-probabilities, kind="stable")[:top]
                 faces.append({"box": list(box), "emotions": [
-                    {"emotion": EMOTIONS[k], "probability": float(probabilities[k])}
+                    {"emotion": predictor.classes[k], "probability": float(probabilities[k])}
                     for k in best]})
             if explain is not None:
                 # an ensemble has no single network: its first member's saliency is shown

@@ -13,7 +13,8 @@
       search/studies.db           the Optuna recipe searches (ferlib.search)
       models/<name>/[fold<k>/]    one training (ModelRun):
         best.keras, history.csv, timing.csv, predictions.npz, metrics.json,
-        settings.json, state.json, calibration.json,
+        settings.json, state.json, calibration.json, dataset.json, MODEL_CARD.md,
+        classes.json (a fine-tuned head), cross_dataset.json, saliency_check.json (optional),
         checkpoint-NNN.keras, best-NNN.weights.h5 (while training)
       models/<name>/cv_metrics.json, cv_predictions.npz   (cross-validation)
 
@@ -63,9 +64,15 @@ METRICS = "metrics.json"
 SETTINGS = "settings.json"
 STATE = "state.json"
 CALIBRATION = "calibration.json"
-CROSS_SUMMARY = "cross_dataset.json"  # a model's results on the cross datasets (05_cross)
 CV_METRICS = "cv_metrics.json"
 CV_PREDICTIONS = "cv_predictions.npz"
+CLASSES = "classes.json"            # a head's own class names (fine-tuned); absent: EMOTIONS
+DATASET = "dataset.json"            # the data a model was trained on: name, sha256, splits
+MODEL_CARD = "MODEL_CARD.md"
+CROSS_DATASET = "cross_dataset.json"   # results on other datasets (05_cross; the card shows them)
+SALIENCY_CHECK = "saliency_check.json"  # optional: explain.randomization_check's result
+FINETUNE = "finetune.json"          # what `finetune` did: source, head, splits, baseline
+FINETUNE_REPORT = "report.html"
 
 
 class RunBusy(RuntimeError):
@@ -127,6 +134,13 @@ class ModelRun:
     calibration = property(lambda self: self.directory / CALIBRATION)
     cv_metrics = property(lambda self: self.directory / CV_METRICS)
     cv_predictions = property(lambda self: self.directory / CV_PREDICTIONS)
+    classes = property(lambda self: self.directory / CLASSES)
+    dataset = property(lambda self: self.directory / DATASET)
+    model_card = property(lambda self: self.directory / MODEL_CARD)
+    cross_dataset = property(lambda self: self.directory / CROSS_DATASET)
+    saliency_check = property(lambda self: self.directory / SALIENCY_CHECK)
+    finetune = property(lambda self: self.directory / FINETUNE)
+    finetune_report = property(lambda self: self.directory / FINETUNE_REPORT)
 
     def checkpoint(self, epoch: int) -> Path:
         """The model + optimizer after ``epoch`` (kept until the next epoch commits)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ferlib.artifacts import CROSS_SUMMARY, Run
+from ferlib.artifacts import CROSS_DATASET, Run
 from ferlib.runs import write_json
 
 ENSEMBLE = "ensemble"
@@ -65,7 +65,7 @@ def evaluate_all(params: dict, run_dir: Path, *, n_boot: int | None = None,
     """{dataset: {model or "ensemble": ``apply.evaluate`` result}} for every available dataset
     and trained model; the ensemble (the mean of the calibrated members' probabilities) when
     there are two or more. Writes ``cross/<dataset>/<model>/`` (metrics and confusion matrix)
-    and each model's ``cross_dataset.json`` summary."""
+    and each model's ``cross_dataset.json`` summary, and rewrites its ``MODEL_CARD.md``."""
     from ferlib.apply import evaluate
 
     run_dir = Path(run_dir)
@@ -86,9 +86,13 @@ def evaluate_all(params: dict, run_dir: Path, *, n_boot: int | None = None,
                 model, dataset["path"], out=run_dir / "cross" / dataset["name"] / name,
                 class_map=dataset["class_map"], n_boot=n_boot, seed=params["seed"],
                 group_pattern=dataset["group_pattern"])
+    from ferlib.card import write_model_card
+
     for name in models:
         summary = {dataset: _summary(by_model[name]) for dataset, by_model in results.items()}
-        write_json(Run(run_dir).model(name).directory / CROSS_SUMMARY, summary)
+        directory = Run(run_dir).model(name).directory
+        write_json(directory / CROSS_DATASET, summary)
+        write_model_card(directory)  # its card shows them
     return results
 
 

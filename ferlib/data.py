@@ -135,14 +135,52 @@ class FERData:
 
 # ----------------------------------------------------------------------------- helpers
 
-def class_index(name: str, class_map: dict | None = None) -> int | None:
-    """Index of a class folder name (case-insensitive, common aliases), or None if unknown."""
+def class_name(name: str, class_map: dict | None = None) -> str:
+    """The class a folder name stands for: after ``class_map``, an emotion's canonical name
+    (case-insensitive, common aliases: ``Joy`` -> ``happy``), else the name in lower case."""
     key = name.strip().lower()
     if class_map:
         lowered = {k.lower(): v for k, v in class_map.items()}
         key = lowered.get(key, key).lower()
-    canonical = CLASS_ALIASES.get(key)
-    return EMOTIONS.index(canonical) if canonical else None
+    return CLASS_ALIASES.get(key, key)
+
+
+def class_index(name: str, class_map: dict | None = None,
+                classes: tuple[str, ...] | None = None) -> int | None:
+    """Index of a class folder name in ``EMOTIONS`` (case-insensitive, common aliases), or in
+    ``classes`` (a model's own classes, e.g. a fine-tuned head's), or None if unknown."""
+    names = list(EMOTIONS) if classes is None else [c.lower() for c in classes]
+    key = class_name(name, class_map)
+    return names.index(key) if key in names else None
+
+
+def class_folders(path, class_map: dict | None = None) -> dict[str, list[str]]:
+    """The classes of an image folder or zip (``[split/]<class>/<image>``): each
+    :func:`class_name` with the folder names it stands for, emotions first (in ``EMOTIONS``
+    order), then the others alphabetically. Reads names only, no image."""
+    path = Path(path).expanduser()
+    kind = detect_format(path)
+    if kind == "csv":
+        raise FERDataError(f"{path}: a FER2013 CSV has no class folders; expected an image "
+                           f"folder (<class>/*.jpg, optionally under train/, val/, test/) or a "
+                           f"zip of one")
+    if kind == "folder":
+        parts = [f.relative_to(path).parts for f in sorted(path.rglob("*"))
+                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names, strip = _zip_image_names(archive)
+        except zipfile.BadZipFile as error:
+            raise FERDataError(f"{path}: not a readable zip archive ({error})") from error
+        parts = [PurePosixPath(n).parts[strip:] for n in names]
+    found: dict[str, set] = {}
+    for entry in parts:
+        if len(entry) >= 2:
+            found.setdefault(class_name(entry[-2], class_map), set()).add(entry[-2])
+    order = sorted(found, key=lambda c: (EMOTIONS.index(c) if c in EMOTIONS else len(EMOTIONS),
+                                         c))
+    return {name: sorted(found[name]) for name in order}
 
 
 def _decode_image(raw: bytes) -> tuple[np.ndarray, bool]:
@@ -290,11 +328,13 @@ def _split_of(parts: tuple[str, ...]) -> tuple[str | None, str, str | None]:
 
 
 def _read_entries(entries, root: str, on_error: str, class_map: dict | None,
-                  val_fraction: float, seed: int, splits=SPLITS) -> FERData:
+                  val_fraction: float, seed: int, splits=SPLITS, classes=None,
+                  default_split: str = "test") -> FERData:
     """Shared logic for folders and zips: ``entries`` yields (name, relative parts, reader).
 
     The split of an entry is its file-name prefix if it has one, else its top folder's
-    (:data:`FOLDER_TO_SPLIT`), else ``test``. Only a layout without any validation image gets
+    (:data:`FOLDER_TO_SPLIT`), else ``default_split``. With ``classes``, labels index into
+    them instead of ``EMOTIONS``. Only a layout without any validation image gets
     a seeded stratified ``val_fraction`` of its prefix-less train images as validation.
     Entries of a split not in ``splits`` are passed over unread (a search never opens a
     PrivateTest image).
@@ -305,14 +345,14 @@ def _read_entries(entries, root: str, on_error: str, class_map: dict | None,
         if len(parts) < 2:
             continue  # a file at the root (README, licence) is not an image of a class
         split, class_folder, folder_split = _split_of(parts)
-        label = class_index(class_folder, class_map)
+        label = class_index(class_folder, class_map, classes)
         entry = f"{root}: {name}"
         if label is None:
-            known = ", ".join(sorted(set(CLASS_ALIASES)))
+            known = ", ".join(sorted(set(CLASS_ALIASES)) if classes is None else classes)
             raise FERDataError(f"{entry}: unknown class folder {class_folder!r}; known names "
                                f"(case-insensitive): {known}; map others with a class map "
                                f"(e.g. --class-map contempt=disgust)")
-        if (split or folder_split or "test") not in splits:
+        if (split or folder_split or default_split) not in splits:
             continue
         try:
             image, converted = _decode_image(read())
@@ -320,7 +360,7 @@ def _read_entries(entries, root: str, on_error: str, class_map: dict | None,
             collector.bad(entry, f"cannot decode image ({type(error).__name__}: {error})")
             continue
         if split is None:
-            split = folder_split or "test"
+            split = folder_split or default_split
             unsplit.append(len(collector.labels))
         collector.add(image, label, split, name, converted)
     data = collector.result(root)
@@ -347,7 +387,7 @@ def _stratified_val_slice(data: FERData, candidates: np.ndarray, fraction: float
 
 
 def read_folder(path: Path, on_error="raise", class_map=None, val_fraction=0.1, seed=0,
-                splits=SPLITS):
+                splits=SPLITS, classes=None, default_split="test"):
     """Read an image-folder root (``train/<class>/``, ``val/<class>/``, ``test/<class>/`` or
     just ``<class>/``)."""
     path = Path(path)
@@ -358,11 +398,24 @@ def read_folder(path: Path, on_error="raise", class_map=None, val_fraction=0.1, 
                            f"val/<class>/*.jpg, test/<class>/*.jpg or <class>/*.jpg)")
     entries = ((str(f.relative_to(path)), f.relative_to(path).parts, f.read_bytes)
                for f in files)
-    return _read_entries(entries, str(path), on_error, class_map, val_fraction, seed, splits)
+    return _read_entries(entries, str(path), on_error, class_map, val_fraction, seed, splits,
+                         classes, default_split)
+
+
+def _zip_image_names(archive: zipfile.ZipFile) -> tuple[list[str], int]:
+    """The image entries of an archive, and how many leading folders are not part of the
+    layout (1 for a common top folder such as ``fer2013/train/...``, else 0)."""
+    names = sorted(n for n in archive.namelist()
+                   if not n.endswith("/") and "__MACOSX" not in n
+                   and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
+    first = {PurePosixPath(n).parts[0] for n in names}
+    strip = 1 if len(first) == 1 and all(len(PurePosixPath(n).parts) >= 4 for n in names) \
+        else 0
+    return names, strip
 
 
 def read_zip(path: Path, on_error="raise", class_map=None, val_fraction=0.1, seed=0,
-             splits=SPLITS):
+             splits=SPLITS, classes=None, default_split="test"):
     """Read a ``.zip`` of the image-folder layout without extracting it to disk."""
     path = Path(path)
     try:
@@ -370,19 +423,14 @@ def read_zip(path: Path, on_error="raise", class_map=None, val_fraction=0.1, see
     except zipfile.BadZipFile as error:
         raise FERDataError(f"{path}: not a readable zip archive ({error})") from error
     with archive:
-        names = sorted(n for n in archive.namelist()
-                       if not n.endswith("/") and "__MACOSX" not in n
-                       and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
+        # A common top folder (fer2013/train/...) is not part of the layout.
+        names, strip = _zip_image_names(archive)
         if not names:
             raise FERDataError(f"{path}: the archive holds no images")
-        # A common top folder (fer2013/train/...) is not part of the layout.
-        first = {PurePosixPath(n).parts[0] for n in names}
-        strip = 1 if len(first) == 1 and all(len(PurePosixPath(n).parts) >= 4 for n in names) \
-            else 0
         entries = ((n, PurePosixPath(n).parts[strip:], lambda n=n: archive.read(n))
                    for n in names)
         return _read_entries(entries, str(path), on_error, class_map, val_fraction, seed,
-                             splits)
+                             splits, classes, default_split)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -409,7 +457,8 @@ def default_cache_dir() -> Path:
 
 def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None,
                  val_fraction: float = 0.1, seed: int = 0, cache: bool = True,
-                 cache_dir: Path | None = None, splits=SPLITS) -> FERData:
+                 cache_dir: Path | None = None, splits=SPLITS, classes=None,
+                 default_split: str = "test") -> FERData:
     """Load a FER-style dataset from a CSV, an image folder or a zip (auto-detected).
 
     Parameters
@@ -426,6 +475,12 @@ def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None
     splits : sequence of str
         The splits to read (default all); ``("train", "val")`` leaves every PrivateTest entry
         unread, its image never decoded (the recipe search).
+    classes : sequence of str, optional
+        A folder layout's own classes (a fine-tuned head's): labels index into them, folder
+        names matched as :func:`class_name` reads them. Default: ``EMOTIONS``.
+    default_split : str
+        The split of an image whose path and name say none (default ``test``: to a model
+        trained elsewhere, a user's dataset is test data; fine-tuning reads ``train``).
     cache : bool
         Read and write a ``.npz`` cache keyed by the source's content hash, these options and
         :func:`reader_version`, so a changed file or a changed reader never returns stale data.
@@ -442,6 +497,8 @@ def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None
                "seed": seed, "reader": reader_version()}
     if splits != SPLITS:
         options["splits"] = splits  # only then: the caches of whole datasets keep their keys
+    if classes is not None or default_split != "test":
+        options.update(classes=list(classes or []), default_split=default_split)
     key = hashlib.sha256((digest + json.dumps(options, sort_keys=True)).encode()).hexdigest()
     cache_file = Path(cache_dir or default_cache_dir()) / f"fer-{key[:24]}.npz"
     if cache and cache_file.exists():
@@ -453,7 +510,8 @@ def load_fer2013(path, *, on_error: str = "raise", class_map: dict | None = None
         data = read_csv(path, on_error, splits)
     else:
         reader = read_zip if kind == "zip" else read_folder
-        data = reader(path, on_error, class_map, val_fraction, seed, splits)
+        data = reader(path, on_error, class_map, val_fraction, seed, splits, classes,
+                      default_split)
     data.source_hash = digest
     if len(data) == 0:
         raise FERDataError(f"{path}: no usable images ({len(data.skipped)} skipped)")
@@ -484,9 +542,9 @@ def _read_cache(cache_file: Path, source: str, digest: str) -> FERData:
 
 # The code and constants whose change can change what a load returns. Held here as objects, not
 # looked up by name at call time, so a test that monkeypatches a reader does not change the key.
-_READER_FUNCTIONS = (class_index, _decode_image, _Collector, read_csv, _split_of, _read_entries,
-                     _stratified_val_slice, read_folder, read_zip, detect_format, _write_cache,
-                     _read_cache)
+_READER_FUNCTIONS = (class_name, class_index, _zip_image_names, _decode_image, _Collector,
+                     read_csv, _split_of, _read_entries, _stratified_val_slice, read_folder,
+                     read_zip, detect_format, _write_cache, _read_cache)
 _READER_CONSTANTS = {"EMOTIONS": EMOTIONS, "IMAGE_SIZE": IMAGE_SIZE, "SPLITS": SPLITS,
                      "IMAGE_SUFFIXES": IMAGE_SUFFIXES, "CSV_HEADER": CSV_HEADER,
                      "USAGE_TO_SPLIT": USAGE_TO_SPLIT,

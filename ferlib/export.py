@@ -12,7 +12,9 @@
     the most likely emotion differs for any image.
 
 Every artifact maps uint8 ``(batch, 48, 48, 1)`` gray face crops, as ``ferlib.faces.crop_face``
-makes them, to float32 ``(batch, 7)`` probabilities in the order of ``ferlib.EMOTIONS``.
+makes them, to float32 ``(batch, 7)`` probabilities in the order of ``ferlib.EMOTIONS`` (a
+fine-tuned head: one per class of its ``classes.json``, the order of ``emotions`` in
+``labels.json``). The model's ``MODEL_CARD.md`` is copied beside the artifact.
 
 The runtimes are optional: ``pip install -e .[export]`` installs ONNX export (tf2onnx, onnx),
 ONNX Runtime and the LiteRT interpreter (ai-edge-litert; without it TensorFlow's own
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferlib import EMOTIONS, IMAGE_SIZE, NUM_CLASSES
+from ferlib import IMAGE_SIZE
 
 FORMATS = {"onnx": ("onnx", "model.onnx"), "litert": ("litert", "model.tflite"),
            "saved_model": ("tf_saved_model", "saved_model")}
@@ -447,7 +449,7 @@ def export_model(model_path, out, fmt: str = "onnx", *, calibration: bool = True
         seconds the artifact took). The artifacts are kept when parity fails: the caller
         decides (the command exits with 1).
     """
-    from ferlib.inference import load_model, model_file, stored_temperature
+    from ferlib.inference import class_names, load_model, model_file, stored_temperature
     from ferlib.runs import git_commit, write_json
 
     if fmt not in FORMATS:
@@ -463,6 +465,7 @@ def export_model(model_path, out, fmt: str = "onnx", *, calibration: bool = True
                          f"{keras.backend.backend()}: run it with KERAS_BACKEND=tensorflow (a model "
                          f"trained under another backend loads there too)")
     model_path = model_file(model_path)
+    classes = class_names(model_path)
     if data is not None and not Path(data).expanduser().exists():
         raise FileNotFoundError(f"--data: {data}: no such file or folder")
     _check_dependencies(fmt)
@@ -506,7 +509,7 @@ def export_model(model_path, out, fmt: str = "onnx", *, calibration: bool = True
     except MissingDependencyError:
         raise
     except Exception as error:  # the runtime rejects the artifact: a failed check, not a crash
-        probabilities = np.full((0, NUM_CLASSES), np.nan)
+        probabilities = np.full((0, len(classes)), np.nan)
         runtime_error = f"the runtime could not run it ({type(error).__name__}: {error})"
     else:
         runtime_error = None
@@ -518,13 +521,13 @@ def export_model(model_path, out, fmt: str = "onnx", *, calibration: bool = True
     details = _describe_artifact(fmt, target)
     labels = {
         "format": fmt, "artifact": artifact_name,
-        "emotions": list(EMOTIONS),
+        "emotions": list(classes),
         "input": {"name": details.pop("input_name"), "shape": [None, IMAGE_SIZE, IMAGE_SIZE, 1],
                   "dtype": "uint8",
                   "meaning": "gray face crops, 48x48, pixel values 0-255, as in FER2013 (crop "
                              "the face box plus 10% margin and resize bilinearly, as "
                              "ferlib.faces.crop_face does)"},
-        "output": {"name": details.pop("output_name"), "shape": [None, NUM_CLASSES],
+        "output": {"name": details.pop("output_name"), "shape": [None, len(classes)],
                    "dtype": "float32",
                    "meaning": "probability of each emotion, in the order of 'emotions' "
                               "(softmax of logits / temperature; each row sums to 1)"},
@@ -537,6 +540,13 @@ def export_model(model_path, out, fmt: str = "onnx", *, calibration: bool = True
                      "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "parity": parity,
     }
+    from ferlib.artifacts import ModelRun
+    from ferlib.runs import atomic_write_text
+
+    card = ModelRun(model_path.parent).model_card
+    if card.is_file():  # the model's card travels with every export of it
+        atomic_write_text(out / card.name, card.read_text())
+    labels["model_card"] = card.name if card.is_file() else None
     write_json(out / LABELS_FILE, labels)
     return labels
 

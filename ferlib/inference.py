@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferlib import EMOTIONS, NUM_CLASSES, metrics
+from ferlib import EMOTIONS, metrics
 
 
 _TWINS = weakref.WeakKeyDictionary()
@@ -65,8 +65,27 @@ def predict_proba(model, images: np.ndarray, batch_size: int = 256,
     return metrics.softmax(logits[:len(logits) - padding].astype(np.float64))
 
 
+def class_names(model_path) -> tuple[str, ...]:
+    """The classes of a model's outputs, in order: ``classes.json`` beside it (a fine-tuned
+    head of its own), else the 7 FER2013 emotions."""
+    from ferlib.artifacts import ModelRun
+    from ferlib.runs import read_json
+
+    path = Path(model_path)
+    path = ModelRun(path if path.is_dir() else path.parent).classes
+    if not path.is_file():
+        return EMOTIONS
+    names = read_json(path)
+    if (not isinstance(names, list) or len(names) < 2
+            or not all(isinstance(name, str) and name for name in names)):
+        raise ValueError(f"{path}: expected a JSON list of at least 2 class names (written by "
+                         f"python -m ferlib finetune)")
+    return tuple(names)
+
+
 def load_model(model_path):
-    """Load a ``.keras`` model that maps uint8 48x48 images to 7 logits (``ferlib.train``'s).
+    """Load a ``.keras`` model that maps uint8 48x48 images to one logit per class
+    (``ferlib.train``'s: the 7 emotions; a fine-tuned head: the classes in ``classes.json``).
 
     Parameters
     ----------
@@ -91,10 +110,10 @@ def load_model(model_path):
     except Exception as error:  # Keras raises many types for a foreign or damaged file
         raise ValueError(f"{model_path}: cannot load as a Keras model "
                          f"({type(error).__name__}: {error})") from error
-    num_outputs = model.output_shape[-1]
-    if num_outputs != NUM_CLASSES:
+    num_outputs, names = model.output_shape[-1], class_names(model_path)
+    if num_outputs != len(names):
         raise ValueError(f"{model_path}: the model has {num_outputs} outputs; expected "
-                         f"{NUM_CLASSES}, one per emotion ({', '.join(EMOTIONS)})")
+                         f"{len(names)}, one per class ({', '.join(names)})")
     return model
 
 
@@ -143,6 +162,11 @@ class Predictor:
         self.paths = model_files(model_paths)
         self.temperatures = [stored_temperature(path, calibration) for path in self.paths]
         self.models = [load_model(path) for path in self.paths]
+        classes = {class_names(path) for path in self.paths}
+        if len(classes) > 1:
+            raise ValueError("an ensemble's models must share their classes; got "
+                             + " vs ".join(", ".join(names) for names in sorted(classes)))
+        self.classes = classes.pop()
 
     @property
     def description(self):

@@ -163,9 +163,10 @@ def step_artifacts(params: dict, step: str, extra: dict) -> dict[str, list[str]]
                            for name in artifacts.COMPARE_TABLES.values()]}
     if step == "05_cross":
         return {"reads": results(params["models"]),
-                "writes": ["cross/"] + [(run.model(model).directory / artifacts.CROSS_SUMMARY
-                                         ).as_posix()
-                                        for model in params["models"]]}
+                "writes": ["cross/"] + [(run.model(model).directory / file).as_posix()
+                                        for model in params["models"]
+                                        for file in (artifacts.CROSS_DATASET,
+                                                     artifacts.MODEL_CARD)]}
     raise ValueError(f"step {step!r}: unknown; expected one of 01_eda, 02_preprocess, "
                      f"03_train_<model>, 04_compare, 05_cross")
 

@@ -110,23 +110,27 @@ def _png(fig) -> tuple[bytes, int, int]:
     return buffer.getvalue(), width, height
 
 
-def log_confusion_matrices(model_dir: Path, best_epoch: int, matrices: dict) -> Path | None:
+def log_confusion_matrices(model_dir: Path, best_epoch: int, matrices: dict,
+                           num_classes: int | None = None) -> Path | None:
     """Images of the confusion matrices (``{split name: (true labels, predicted labels)}``)
-    of the best epoch's model, at that epoch's step."""
+    of the best epoch's model, at that epoch's step; ``num_classes`` other than 7 (a
+    fine-tuned head) shows numbered classes."""
     if not available():
         return None
     from tensorboard.compat.proto import event_pb2, summary_pb2
 
     from sklearn.metrics import confusion_matrix
 
-    from ferlib import NUM_CLASSES
+    from ferlib import EMOTIONS, NUM_CLASSES
     from ferlib.plots import confusion_matrix_plot
 
+    num_classes = num_classes or NUM_CLASSES
+    names = EMOTIONS if num_classes == NUM_CLASSES else [f"class {k}" for k in range(num_classes)]
     values = []
     for split, (labels, predicted) in matrices.items():
-        counts = confusion_matrix(labels, predicted, labels=range(NUM_CLASSES))
+        counts = confusion_matrix(labels, predicted, labels=range(num_classes))
         png, width, height = _png(confusion_matrix_plot(
-            counts, title=f"{split}, best epoch {best_epoch}"))
+            counts, names, title=f"{split}, best epoch {best_epoch}"))
         image = summary_pb2.Summary.Image(height=height, width=width, colorspace=4,
                                           encoded_image_string=png)
         values.append(summary_pb2.Summary.Value(tag=f"confusion_matrix/{split}", image=image))

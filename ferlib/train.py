@@ -43,7 +43,8 @@ HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lea
 # its inputs (settings, data) are fingerprinted by value. Everything else that ``train`` runs,
 # wherever it lives, is "the training code" (see training_code).
 NOT_TRAINING_MODULES = ("ferlib.metrics", "ferlib.runs", "ferlib.config", "ferlib.data",
-                        "ferlib.artifacts", "ferlib.calibration", "ferlib.tensorboard_logs")
+                        "ferlib.artifacts", "ferlib.calibration", "ferlib.card",
+                        "ferlib.tensorboard_logs")
 TIMING_COLUMNS = ["epoch", "seconds", "train_seconds", "eval_seconds", "images_per_second"]
 
 
@@ -353,7 +354,7 @@ def finished_result(model_name: str, data: FERData, params: dict, run_dir,
 
 
 def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bool = True,
-          subdir: str | None = None, on_epoch=None) -> dict:
+          subdir: str | None = None, on_epoch=None, build=None) -> dict:
     """Train ``model_name`` on ``data``'s train split, select on val, report test once.
 
     Parameters
@@ -371,6 +372,10 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
     on_epoch : callable, optional
         Called with each finished epoch's history row (a dict) once that epoch is committed;
         the recipe search reports to Optuna here, and may stop the training by raising.
+    build : callable, optional
+        ``build(settings) -> keras.Model``, the model to start from and to rebuild the best
+        one in (default :func:`build_for_settings`); fine-tuning passes one that loads a
+        trained model (``ferlib.finetune``). Its inputs belong in ``settings``.
 
     Returns
     -------
@@ -384,10 +389,11 @@ def train(model_name: str, data: FERData, params: dict, run_dir, *, progress: bo
     """
     with Run(run_dir).lock(model_name, subdir):  # one writer per model run
         return _train_unlocked(model_name, data, params, run_dir, progress=progress,
-                               subdir=subdir, on_epoch=on_epoch)
+                               subdir=subdir, on_epoch=on_epoch, build=build)
 
 
-def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_epoch) -> dict:
+def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_epoch,
+                    build=None) -> dict:
     import keras
 
     import ferlib.models  # noqa: F401  (registers custom layers for loading checkpoints)
@@ -440,7 +446,6 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
     distribution = prepare_backend(settings)
     batch_size = train_settings["batch_size"]
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
-    onehot = keras.utils.to_categorical(y_train, NUM_CLASSES).astype("float32")
     weights = class_weights(y_train) if train_settings["class_weights"] else None
 
     if state:
@@ -449,7 +454,7 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
         # epochs committed just before the process died, before their logs were written
         tensorboard_logs.log_epochs(out, state["history"], state["timing"], only_missing=True)
     else:
-        model = build_for_settings(settings)
+        model = (build or build_for_settings)(settings)
         compile_model(model, settings)
         tensorboard_logs.log_graph(out, model, x_train.shape[1:])
         state = {"fingerprint": key, "key_parts": key_parts, "finished": False, "history": [],
@@ -457,6 +462,7 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
                  "best_val_accuracy": -1.0, "best_epoch": None, "best_weights": None,
                  "checkpoint": None, "wait": 0, "best_val_loss": float("inf"),
                  "plateau_wait": 0, "stopped_reason": None, "train_seconds": 0.0}
+    onehot = keras.utils.to_categorical(y_train, model.output_shape[-1]).astype("float32")
     show_bar = progress and sys.stderr.isatty()
     callbacks = _make_callbacks(state, steps_per_epoch, train_settings, show_bar)
     budget = (train_settings["budget_minutes"] or 0) * 60
@@ -506,7 +512,7 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
 
     result = _finish(model_name, state, settings, out, (x_val, y_val), (x_test, y_test),
                      data, say, run_dir=Path(run_dir), part=subdir or "",
-                     distribution=distribution)
+                     distribution=distribution, build=build)
     if replacing is not None:
         _replace(replacing, files, say)
     return result
@@ -581,9 +587,9 @@ def _log_epoch(say, state, train, budget) -> None:
 
 
 def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: Path,
-            part: str, distribution: dict) -> dict:
+            part: str, distribution: dict, build=None) -> dict:
     """Reload the best weights into a clean model, predict val/test, write metrics."""
-    model = build_for_settings(settings)
+    model = (build or build_for_settings)(settings)
     files = ModelRun(out)
     model.load_weights(out / state["best_weights"])
     atomic_save(model.save, files.best_model)
@@ -617,7 +623,7 @@ def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: 
     tensorboard_logs.log_confusion_matrices(out, state["best_epoch"], {
         split: (arrays[f"{key}_labels"], arrays[f"{key}_proba"].argmax(1))
         for split, key in (("PublicTest", "val"), ("PrivateTest", "test"))
-        if f"{key}_proba" in arrays})
+        if f"{key}_proba" in arrays}, num_classes=val_proba.shape[1])
     write_json(files.metrics, result)
     state["finished"] = True
     write_json(files.state, state)
@@ -626,6 +632,9 @@ def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: 
     from ferlib.calibration import calibrate_model_dir
 
     calibrate_model_dir(out)  # a trained folder is complete: evaluate / predict use it
+    from ferlib.card import write_model_card
+
+    write_model_card(out, data)  # MODEL_CARD.md, from the files just written
     test_text = f", test acc {result['test']['accuracy']:.3f}" if "test" in result else ""
     say(f"done ({state['stopped_reason']}): best val acc {state['best_val_accuracy']:.3f} at "
         f"epoch {state['best_epoch']}{test_text}")

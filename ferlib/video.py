@@ -329,7 +329,7 @@ def predict_video(source, model_path, *, every: int = 1, out=None, annotate_vide
     from tqdm import tqdm
 
     from ferlib.faces import FACE_MARGIN, check_outputs, crop_face, detect_faces, face_detector
-    from ferlib.inference import Predictor, model_files
+    from ferlib.inference import Predictor, class_names, model_files
 
     if every < 1:
         raise ValueError(f"--every must be at least 1; got {every}")
@@ -337,7 +337,12 @@ def predict_video(source, model_path, *, every: int = 1, out=None, annotate_vide
         raise ValueError(f"--smooth must be at least 1 (1: no smoothing); got {smooth}")
     if out is not None and Path(out).suffix.lower() not in ROW_SUFFIXES:
         raise ValueError(f"--out: {out}: expected a .csv or .jsonl file")
-    model_files(model_path)
+    for path in model_files(model_path):
+        if class_names(path) != EMOTIONS:
+            raise ValueError(f"{path}: a fine-tuned head of its own "
+                             f"({', '.join(class_names(path))}); video and camera take models "
+                             f"of the 7 emotions only: classify "
+                             f"images with predict, or extract frames first")
     camera = isinstance(source, int)
     if not camera:
         check_outputs([out, annotate_video], [source], overwrite)

@@ -57,6 +57,7 @@ def test_every_trained_model_and_the_ensemble_are_scored_and_missing_data_is_lis
     for name in ("alexnet", "vit"):  # two "trained" models: the same network twice
         shutil.copytree(trained_model.parent, run / "models" / name)
         (run / "models" / name / "metrics.json").write_text("{}")
+        (run / "models" / name / "calibration.json").unlink()  # the fixture's is partial
     faces = make_fer_folder(tmp_path / "faces", {"S010": ("test", 2), "S011": ("test", 2),
                                                  "S012": ("test", 2)})
     monkeypatch.delenv("NO_SUCH_DATASET", raising=False)
@@ -81,3 +82,6 @@ def test_every_trained_model_and_the_ensemble_are_scored_and_missing_data_is_lis
     summary = read_json(run / "models" / "vit" / "cross_dataset.json")
     assert summary["faces"]["accuracy"]["value"] == result["accuracy"]
     assert (run / "cross" / "faces" / "ensemble" / "metrics.json").exists()
+    card = (run / "models" / "vit" / "MODEL_CARD.md").read_text()  # rewritten with them
+    accuracy = summary["faces"]["accuracy"]
+    assert f"| faces | 42 | {accuracy['value']:.3f} [{accuracy['low']:.3f}, " in card
