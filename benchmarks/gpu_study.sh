@@ -30,13 +30,16 @@ ferlib() { $python -m ferlib "$@"; }
 case $stage in
 pack)
   mkdir -p "$gpu/wheels"
-  requirements=$(grep -v '^#' benchmarks/gpu_wheels.txt)
-  for version in 3.11 3.12; do  # compiled wheels (optree, wrapt) for either Python there
+  pure=$(grep -v -e '^#' -e '# compiled' benchmarks/gpu_wheels.txt)
+  compiled=$(grep '^[^#].*# compiled' benchmarks/gpu_wheels.txt | cut -d' ' -f1)
+  # shellcheck disable=SC2086
+  $python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform any -d "$gpu/wheels" $pure
+  for version in 3.11 3.12; do  # either Python there
     # shellcheck disable=SC2086
     $python -m pip download -q --no-deps --only-binary=:all: --python-version "$version" \
-      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-      --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
-      -d "$gpu/wheels" $requirements
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux1_x86_64 \
+      -d "$gpu/wheels" $compiled
   done
   du -sh "$gpu/wheels"
   ferlib gpu-pack-data "${1:-data/fer2013.zip}" --to "$gpu/data"
