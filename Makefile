@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup report train search status tensorboard test test-fast lab benchmark clean
+.PHONY: help setup report train search status tensorboard test test-fast lab benchmark gpu-pack gpu-merge clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,6 +63,13 @@ lab: setup ## open JupyterLab on notebooks/
 
 benchmark: setup ## measure data loading, training and inference speed -> benchmarks/results.json
 	$(BIN)/python benchmarks/run_all.py
+
+gpu-pack: setup ## pack what a lent GPU needs into .gpu/: the wheels and the data as xz parts (docs/gpu.md)
+	PYTHON=$(BIN)/python benchmarks/gpu_study.sh pack $(or $(FER2013_PATH),data/fer2013.zip)
+
+gpu-merge: setup ## merge a device session's returned files (FROM=folder) into runs/PROFILE (then make report)
+	@test -n "$(FROM)" || { echo "error: FROM=folder of the files the device call returned"; exit 2; }
+	$(BIN)/python -m ferlib gpu-merge --profile $(PROFILE) --from $(FROM)
 
 clean: ## remove caches and the smoke run (keeps .venv, runs/quick and committed reports)
 	rm -rf .cache .pytest_cache runs/smoke reports/smoke

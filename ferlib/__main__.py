@@ -456,6 +456,98 @@ def _add_finetune_commands(commands) -> None:
     card.set_defaults(handler=_card_command)
 
 
+# ----------------------------------------------------------------------------- lent GPU session
+
+def _gpu_command(args) -> int:
+    """gpu-pack-data, gpu-unpack-data, gpu-check, gpu-train, gpu-pack-results, gpu-merge."""
+    from ferlib import device
+
+    if args.command == "gpu-pack-data":
+        manifest = device.pack_data(Path(args.source), Path(args.to), parts=args.parts)
+        for part in manifest["parts"]:
+            print(f"{Path(args.to) / part['file']}: {part['bytes'] / device.MIB:.2f} MiB")
+        print(f"{manifest['source']}: {manifest['bytes'] / device.MIB:.2f} MiB -> "
+              f"{manifest['packed_bytes'] / device.MIB:.2f} MiB xz in "
+              f"{len(manifest['parts'])} parts (sha256 {manifest['sha256'][:12]})")
+        return 0
+    if args.command == "gpu-unpack-data":
+        if args.present:
+            print(device.data_parts_present(Path(args.folder)))
+            return 0
+        print(device.unpack_data(Path(args.folder), Path(args.to)))  # the last line: the path
+        return 0
+    if args.command == "gpu-check":
+        print(json.dumps(device.check_environment()))
+        return 0
+    if args.command == "gpu-pack-results":
+        session = Path(args.session)
+        run_dir = Path(args.run_dir or (json.loads(session.read_text())["run_dir"]))
+        manifest = device.pack_results(run_dir, Path(args.out), session_file=session,
+                                       log_file=Path(args.log) if args.log else None)
+        print(device.describe_manifest(manifest))
+        return 0
+    from ferlib.config import load_params, parse_overrides
+    from ferlib.runs import run_dir as default_run_dir
+
+    params = load_params(args.profile, parse_overrides(args.set))
+    directory = Path(args.run_dir or default_run_dir(params["profile"]))
+    if args.command == "gpu-train":
+        from ferlib.config import model_settings
+
+        for name in args.model or []:
+            model_settings(params, name)  # an unknown model name fails before data loads
+        device.train_session(params, args.budget_seconds, directory, models=args.model,
+                             reserve_seconds=args.reserve_seconds,
+                             session_file=Path(args.session))
+        return 0
+    done = device.merge_results(Path(getattr(args, "from")), params, directory)
+    print(f"merged into {directory}: " + (", ".join(f"{name} {what}"
+                                                     for name, what in done.items())
+                                           or "no models"))
+    return 0
+
+
+def _add_gpu_commands(commands) -> None:
+    """Add the lent-GPU session's commands (docs/gpu.md; benchmarks/gpu_study.sh runs them)."""
+    pack = commands.add_parser("gpu-pack-data", help="xz the dataset file into parts that "
+                               "travel to a lent GPU, with a manifest (data.json)")
+    pack.add_argument("source", help="the dataset file, e.g. data/fer2013.zip")
+    pack.add_argument("--to", default=".gpu/data", help="folder for the parts (default .gpu/data)")
+    pack.add_argument("--parts", type=int, default=2, help="parts of equal size (default 2)")
+    unpack = commands.add_parser("gpu-unpack-data", help="rebuild the dataset file from its "
+                                 "parts and check its sha256 against the manifest")
+    unpack.add_argument("folder", help="the folder holding data.json and the parts")
+    unpack.add_argument("--to", default=".gpu/dataset", help="where the file goes")
+    unpack.add_argument("--present", action="store_true",
+                        help="only say which parts are here")
+    commands.add_parser("gpu-check", help="import what training imports here; one line "
+                        "naming a missing module")
+    train = commands.add_parser("gpu-train", help="train a profile's models within a time "
+                                "budget, stopping cleanly (resumable) before it ends")
+    train.add_argument("--budget-seconds", type=float, required=True)
+    train.add_argument("--reserve-seconds", type=float, default=45.0,
+                       help="kept free for a model's final evaluation and the packing "
+                            "(default 45)")
+    train.add_argument("--session", required=True, help="the session record (JSON) to write")
+    train.add_argument("--model", action="append", help="model (repeatable; default: all)")
+    results = commands.add_parser("gpu-pack-results", help="pack a session's results within "
+                                  "the return limits (8 files, 16 MiB each, 64 MiB)")
+    results.add_argument("--session", required=True, help="gpu-train's session record")
+    results.add_argument("--log", help="the training log to include")
+    results.add_argument("--out", required=True, help="where the returned files go ($OUT)")
+    results.add_argument("--run-dir", help="default: the session's run directory")
+    merge = commands.add_parser("gpu-merge", help="merge a device session's returned files "
+                                "into runs/<profile>/ (then make report PROFILE=<profile>)")
+    merge.add_argument("--from", required=True, help="the folder of the returned files")
+    for sub in (train, merge):
+        sub.add_argument("--profile", default="gpu", help="params/<profile>.yaml")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        sub.add_argument("--run-dir", help="default: runs/<profile>")
+    for name in ("gpu-pack-data", "gpu-unpack-data", "gpu-check", "gpu-train",
+                 "gpu-pack-results", "gpu-merge"):
+        commands.choices[name].set_defaults(handler=_gpu_command)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ferlib", description=__doc__,
@@ -528,6 +620,7 @@ def main(argv=None) -> int:
     _add_apply_commands(commands)
     _add_export_commands(commands)
     _add_finetune_commands(commands)
+    _add_gpu_commands(commands)
 
     args = parser.parse_args(argv)
     try:

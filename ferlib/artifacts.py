@@ -11,6 +11,7 @@
       notebooks/, figures/        executed notebooks, figures of the pages
       compare/                    the comparison tables of 04_compare
       search/studies.db           the Optuna recipe searches (ferlib.search)
+      device_sessions.json        lent-GPU sessions merged here (ferlib.device)
       models/<name>/[fold<k>/]    one training (ModelRun):
         best.keras, history.csv, timing.csv, predictions.npz, metrics.json,
         settings.json, state.json, calibration.json, dataset.json, MODEL_CARD.md,
@@ -51,6 +52,7 @@ COMPARE_SUMMARY_FULL = "compare/summary_full.csv"
 SIGNIFICANCE = "significance.csv"               # in compare/
 ENSEMBLE_SIGNIFICANCE = "ensemble_significance.csv"
 EDA = "eda.json"
+DEVICE_SESSIONS = "device_sessions.json"
 COMPARE_TABLES = {"summary": "summary.csv", "summary_full": "summary_full.csv",
                   "significance": SIGNIFICANCE, "ensemble_significance": ENSEMBLE_SIGNIFICANCE,
                   "cv_significance": "cv_significance.csv", "calibration": "calibration.csv"}
@@ -193,6 +195,7 @@ class Run:
     compare = property(lambda self: self.directory / "compare")
 
     eda = property(lambda self: self.directory / EDA)
+    device_sessions = property(lambda self: self.directory / DEVICE_SESSIONS)
 
     def mean_maps(self, model_name: str) -> Path:
         """Mean saliency maps per class of one model (03_train writes, 04_compare reuses)."""
@@ -388,6 +391,34 @@ def load_results(run_dir, names, cv_folds: int = 0) -> dict[str, ModelResult]:
     cross-validation (see :func:`load_cv_result`)."""
     load = load_cv_result if cv_folds else load_result
     return {name: load(run_dir, name) for name in names}
+
+
+BACKEND_NAMES = {"jax": "JAX", "tensorflow": "TensorFlow", "torch": "PyTorch"}
+
+
+def training_machine(machine: str) -> str:
+    """A model's ``metrics.json`` ``machine`` ("NVIDIA H200 (16 CPU cores), Keras 3.15.1 on
+    jax", as ``ferlib.train.machine_description`` writes it) as "NVIDIA H200 (JAX)"."""
+    device = machine.split(" (", 1)[0]
+    backend = machine.rsplit(" on ", 1)[1] if " on " in machine else ""
+    return f"{device} ({BACKEND_NAMES.get(backend, backend)})" if backend else device
+
+
+def trained_on(run_dir, names) -> str | None:
+    """Where a run's models were trained, from their own ``metrics.json`` (the first fold's
+    under cross-validation), not from the machine that renders: "NVIDIA H200 (JAX)" when all
+    agree, else per model ("alexnet: ...; vit: ..."); None before any model has finished."""
+    machines = {}
+    for name in names:
+        model = Run(run_dir).model(name)
+        metrics = read_json(model.metrics) or read_json(model.fold(1).metrics) or {}
+        if metrics.get("machine"):
+            machines[name] = training_machine(metrics["machine"])
+    if not machines:
+        return None
+    if len(set(machines.values())) == 1:
+        return next(iter(machines.values()))
+    return "; ".join(f"{name}: {machine}" for name, machine in machines.items())
 
 
 # ----------------------------------------------------------------------------- progress

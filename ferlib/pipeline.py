@@ -427,7 +427,8 @@ def provenance_header(provenance: dict) -> str:
                      f"Keras {text('keras', 'not installed')} "
                      f"(backend {text('keras_backend')}), "
                      f"keras-hub {text('keras_hub', 'not installed')}"),
-        ("machine", text("machine")),
+        *((("trained on", text("trained_on")),) if provenance.get("trained_on") else ()),
+        ("rendered on", text("machine")),
         *((("training", text("training")),) if provenance.get("training") else ()),
         ("date", html.escape(str(provenance.get("date") or "unknown").replace("T", " "))),
     ]
@@ -520,6 +521,15 @@ def execute(step: str, notebook: Path, output: Path, parameters: dict) -> None:
     os.replace(partial, output)
 
 
+def with_training_machine(origin: dict, run: Path, params: dict) -> dict:
+    """``origin`` with ``trained_on``: where the run's models were trained, read from their
+    results (``ferlib.artifacts.trained_on``), which may differ from the rendering machine in
+    ``machine`` (a run trained on a lent GPU and rendered here)."""
+    from ferlib.artifacts import trained_on
+
+    return {**origin, "trained_on": trained_on(run, params["models"])}
+
+
 def report(profile: str = "quick", *, overrides: list[str] | None = None,
            run_root: str | None = None, reports_root: str | None = None,
            force: bool = False) -> int:
@@ -589,7 +599,7 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
             except StepFailed as error:
                 print(f"error: {error}", file=sys.stderr, flush=True)
                 return 1
-            render_html(executed, html_file, origin, paths)
+            render_html(executed, html_file, with_training_machine(origin, run, params), paths)
             seconds = time.time() - step_started
             timings[step] = seconds
             # The compare step's inputs include the models' results, read again after training.
@@ -597,6 +607,7 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
                                 "seconds": seconds})
             say(f"({index}/{len(steps)}) {step}: done in {seconds / 60:.1f} min -> {html_file}")
 
+    origin = with_training_machine(origin, run, params)
     write_json(files.manifest, {
         "profile": name, "seed": params["seed"], "data": {"path": str(data_path),
                                                           "sha256": data_hash},
