@@ -90,7 +90,7 @@ def test_the_card_command_fills_the_optional_sections_and_export_copies_it(folde
     try:
         assert main(["card", "--model", str(folder / "best.keras")]) == 0
         card = (folder / "MODEL_CARD.md").read_text()
-        assert "| my_faces.zip | 40 | 0.625 | 0.500 |" in card
+        assert "| my_faces.zip | 40 | 0.625 | n/a | 0.500 |" in card
         assert "randomising the weights 0.125; passes" in card
         assert main(["export", "--model", str(folder / "best.keras"), "--format", "saved_model",
                      "--out", str(tmp_path / "exported"), "--synthetic", "--images", "16"]) == 0
