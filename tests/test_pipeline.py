@@ -130,7 +130,8 @@ def test_upstream_results_follow_cross_validation(tmp_path):
     before = fingerprints(cv_params, tmp_path)
     runs.write_json(tmp_path / "models" / "vit" / "cv_metrics.json", {"accuracy": 0.5})
     after = fingerprints(cv_params, tmp_path)
-    assert sorted(s for s in before if after[s] != before[s]) == ["03_train_vit", "04_compare"]
+    assert sorted(s for s in before if after[s] != before[s]) == ["03_train_vit", "04_compare",
+                                                                  "05_cross"]
 
 
 # --- scrubbing and provenance -----------------------------------------------------------------
