@@ -28,6 +28,12 @@ TRAIN_SCHEMA = {
     "learning_rate": (NUMBER, 1e-3),
     "weight_decay": (NUMBER, 1e-4),
     "momentum": (NUMBER, 0.9),              # SGD (Nesterov) only
+    # false: no weight decay on biases, normalisation scales and offsets, position embeddings
+    # and class tokens (every 1-D variable and the embeddings), as small-data ViT recipes do.
+    "decay_all_weights": (bool, True),
+    # Exponential moving average of the weights (Keras optimizers' use_ema): its momentum, or
+    # null for none. PublicTest is scored, and the best epoch kept, with the averaged weights.
+    "ema_momentum": ((*NUMBER, type(None)), None),
     "schedule": (("cosine", "plateau", "constant"), "cosine"),
     "warmup_epochs": (NUMBER, 1.0),
     "min_learning_rate": (NUMBER, 0.0),
@@ -44,6 +50,9 @@ TRAIN_SCHEMA = {
     "jit_compile": (bool, False),
     "deterministic": (bool, False),
     "tta": (bool, True),
+    # Test-time augmentation also tries the mirror plus this many crops (10: ten-crop with the
+    # flip); the variant with the better PublicTest accuracy is the one applied to PrivateTest.
+    "tta_crops": (int, 0),
     # none | data_parallel (keras.distribution.DataParallel, JAX backend) | auto (data-parallel
     # when JAX sees more than one accelerator). batch_size is the global batch either way.
     "distribution": (("none", "data_parallel", "auto"), "none"),
@@ -159,6 +168,7 @@ RANGES = {
     "val_fraction": BELOW_1, "bootstrap_samples": AT_LEAST_0,
     "misclassified_examples": AT_LEAST_0, "trials": AT_LEAST_1, "train_images": AT_LEAST_1,
     "startup_trials": AT_LEAST_0, "heartbeat_seconds": AT_LEAST_1, "threshold": FRACTION,
+    "ema_momentum": (0, 1, False, False), "tta_crops": (0, 8, True, True),
 }
 PATH_RANGES = {
     "model_params.resnet50v2.dense_units": AT_LEAST_0,   # 0: no hidden layer in the head

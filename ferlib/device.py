@@ -535,6 +535,11 @@ def _merge_model(name: str, incoming: ModelRun, state: dict, run: Run, say) -> s
         else:
             shutil.rmtree(live.directory)  # the same training, less far along
     staging.rename(live.directory)
+    # The device has no tensorboard package: its epochs get their TensorBoard files here.
+    from ferlib import tensorboard_logs
+
+    tensorboard_logs.log_epochs(live.directory, state["history"], state.get("timing", []),
+                                only_missing=True)
     what = (f"finished ({len(state['history'])} epochs)" if finished
             else f"unfinished after epoch {len(state['history'])}: it resumes from there")
     say(f"[merge] {name}: {what}" + (f"; the earlier run moved aside as {moved.name}"

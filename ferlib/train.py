@@ -19,6 +19,7 @@ written atomically; ``state.json`` is the commit point, so a run killed at any m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -245,23 +246,112 @@ def build_for_settings(settings: dict):
                        **settings["model_params"])
 
 
+# Weights that small-data recipes leave out of weight decay (``train.decay_all_weights:
+# false``): besides every 1-D variable (biases, normalisation scales and offsets), these by name.
+NO_DECAY_NAMES = ("embedding", "class_token", "cls_token", "position")
+
+
+def _per_epoch_optimizer(base):
+    """``base`` (a Keras optimizer class) as ferlib trains with it, registered so checkpoints
+    load with it:
+
+    - ``finalize_variable_values`` does nothing. Keras calls it at the end of every ``fit``,
+      and with ``use_ema`` it overwrites the weights with their average. ferlib calls ``fit``
+      once per epoch, so that would reset training to the average every epoch; ferlib scores
+      and keeps the averaged weights itself (:func:`averaged_weights`).
+    - ``no_decay``: variable-name patterns excluded from weight decay, kept in the config so a
+      resumed run (the optimizer comes back from the checkpoint) excludes them too.
+    """
+    import keras
+
+    class PerEpoch(base):
+        def __init__(self, *args, no_decay=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.no_decay = list(no_decay or [])
+            if self.no_decay:
+                self.exclude_from_weight_decay(var_names=self.no_decay)
+
+        def finalize_variable_values(self, var_list):
+            pass
+
+        def get_config(self):
+            return {**super().get_config(), "no_decay": self.no_decay}
+
+    PerEpoch.__name__ = PerEpoch.__qualname__ = f"PerEpoch{base.__name__}"
+    return keras.saving.register_keras_serializable(package="ferlib")(PerEpoch)
+
+
+@functools.cache
+def _optimizers():
+    """The registered optimizer classes, created once (checkpoints name them)."""
+    import keras
+
+    return {name: _per_epoch_optimizer(base) for name, base in (
+        ("adam", keras.optimizers.Adam), ("adamw", keras.optimizers.AdamW),
+        ("sgd", keras.optimizers.SGD))}
+
+
+def no_decay_names(model) -> list[str]:
+    """Patterns of variable names (what Keras' ``exclude_from_weight_decay`` matches) that
+    ``decay_all_weights: false`` exempts: the names of every 1-D variable of ``model`` (bias,
+    gamma, beta: never a kernel's name), exactly, and the embeddings and tokens."""
+    import re
+
+    # TensorFlow's optimizer sees "conv1_bn/gamma:0", the other backends "gamma".
+    one_d = {rf"(^|/){re.escape(variable.name)}(:\d+)?$"
+             for variable in model.trainable_variables if len(variable.shape) <= 1}
+    return sorted(one_d) + list(NO_DECAY_NAMES)
+
+
 def compile_model(model, settings: dict) -> None:
-    """Compile ``model`` as training does: the optimizer, loss (logits, label smoothing),
-    accuracy and ``jit_compile`` of ``settings["train"]`` (benchmarks use it too)."""
+    """Compile ``model`` as training does: the optimizer (with ``weight_decay``, optionally not
+    on biases, norms and embeddings, and an optional weight average), loss (logits, label
+    smoothing), accuracy and ``jit_compile`` of ``settings["train"]`` (benchmarks use it
+    too)."""
     import keras
 
     train = settings["train"]
     lr, decay = train["learning_rate"], train["weight_decay"] or None
+    common = {"use_ema": train.get("ema_momentum") is not None,
+              "ema_momentum": train.get("ema_momentum") or 0.99,
+              "no_decay": None if train.get("decay_all_weights", True) or not decay
+              else no_decay_names(model)}
+    classes = _optimizers()
     optimizer = {
-        "adam": lambda: keras.optimizers.Adam(lr, weight_decay=decay),
-        "adamw": lambda: keras.optimizers.AdamW(lr, weight_decay=train["weight_decay"]),
-        "sgd": lambda: keras.optimizers.SGD(lr, momentum=train["momentum"], nesterov=True,
-                                            weight_decay=decay),
+        "adam": lambda: classes["adam"](lr, weight_decay=decay, **common),
+        "adamw": lambda: classes["adamw"](lr, weight_decay=train["weight_decay"], **common),
+        "sgd": lambda: classes["sgd"](lr, momentum=train["momentum"], nesterov=True,
+                                      weight_decay=decay, **common),
     }[train["optimizer"]]()
     model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(
                       from_logits=True, label_smoothing=train["label_smoothing"]),
                   metrics=["accuracy"], jit_compile=train["jit_compile"])
+
+
+@contextlib.contextmanager
+def averaged_weights(model):
+    """The optimizer's moving average of the weights in ``model`` for the block (scoring
+    PublicTest, saving the best weights), the trained weights back after it; nothing changes
+    without ``use_ema``. (Keras keeps the averages in ``_model_variables_moving_average``, the
+    attribute its own ``SwapEMAWeights`` callback reads; there is no public accessor.)"""
+    optimizer = model.optimizer
+    if optimizer is None or not optimizer.use_ema or not optimizer.built:
+        yield
+        return
+    variables = optimizer._trainable_variables
+    averages = optimizer._model_variables_moving_average
+    import keras
+
+    trained = [keras.ops.convert_to_numpy(variable) for variable in variables]
+    for variable, average in zip(variables, averages):
+        if average is not None:
+            variable.assign(average)
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, trained):
+            variable.assign(value)
 
 
 def machine_description() -> str:
@@ -449,6 +539,7 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
     weights = class_weights(y_train) if train_settings["class_weights"] else None
 
     if state:
+        _optimizers()  # registers the optimizer classes the checkpoint names
         model = keras.models.load_model(out / state["checkpoint"])
         say(f"resuming after epoch {len(state['history'])} ({state['checkpoint']})")
         # epochs committed just before the process died, before their logs were written
@@ -488,10 +579,13 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
                            else None, epochs=epoch + 1, initial_epoch=epoch, verbose=0,
                            shuffle=False, class_weight=weights, callbacks=callbacks)
         fit_seconds = time.time() - started
-        val_proba = predict_proba(model, x_val)
+        with averaged_weights(model):  # the weight average, if any, is what is scored and kept
+            val_proba = predict_proba(model, x_val)
+            val_accuracy = float((val_proba.argmax(1) == y_val).mean())
+            val_loss = _cross_entropy(y_val, val_proba)
+            if val_accuracy > state["best_val_accuracy"]:
+                _save_best(state, model, out, epoch + 1, val_accuracy)
         epoch_seconds = time.time() - started
-        val_accuracy = float((val_proba.argmax(1) == y_val).mean())
-        val_loss = _cross_entropy(y_val, val_proba)
         state["history"].append({
             "epoch": epoch + 1, "loss": float(fitted.history["loss"][-1]),
             "accuracy": float(fitted.history["accuracy"][-1]), "val_loss": val_loss,
@@ -502,8 +596,7 @@ def _train_unlocked(model_name, data, params, run_dir, *, progress, subdir, on_e
                                 "eval_seconds": epoch_seconds - fit_seconds,
                                 "images_per_second": len(x_train) / fit_seconds})
         state["train_seconds"] += epoch_seconds
-        _update_state(state, model, out, epoch + 1, val_accuracy, val_loss, train_settings,
-                      budget)
+        _update_state(state, epoch + 1, val_loss, train_settings, budget)
         _save_checkpoint(state, model, out, epoch + 1)
         tensorboard_logs.log_epochs(out, state["history"][-1:], state["timing"][-1:])
         _log_epoch(say, state, train_settings, budget)
@@ -528,17 +621,20 @@ def _replace(live: ModelRun, finished: ModelRun, say) -> None:
         f"removes such copies)")
 
 
-def _update_state(state, model, out, epoch, val_accuracy, val_loss, train, budget) -> None:
-    """Best model, early stopping, plateau and the stop decision.
+def _save_best(state, model, out, epoch, val_accuracy) -> None:
+    path = ModelRun(out).best_weights(epoch)
+    atomic_save(model.save_weights, path)
+    state.update(best_val_accuracy=val_accuracy, best_epoch=epoch, best_weights=path.name,
+                 wait=0)
+
+
+def _update_state(state, epoch, val_loss, train, budget) -> None:
+    """Early stopping, plateau and the stop decision (the best model is kept by
+    :func:`_save_best`).
 
     The plan (and so the cosine schedule) is fixed by the epoch count: the same profile trains
     identically on a fast or a slow machine. ``budget`` (seconds) is only a safety stop."""
-    if val_accuracy > state["best_val_accuracy"]:
-        path = ModelRun(out).best_weights(epoch)
-        atomic_save(model.save_weights, path)
-        state.update(best_val_accuracy=val_accuracy, best_epoch=epoch, best_weights=path.name,
-                     wait=0)
-    else:
+    if state["best_epoch"] != epoch:  # not a new best (:func:`_save_best` saved that)
         state["wait"] += 1
     if val_loss < state["best_val_loss"]:
         state.update(best_val_loss=val_loss, plateau_wait=0)
@@ -616,7 +712,10 @@ def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: 
                       test_ids=data.source_ids[data.split == "test"])
         result["test"] = metrics.classification_metrics(y_test, test_proba)
         if settings["train"]["tta"]:
-            tta = metrics.tta_probabilities(lambda x: predict_proba(model, x), x_test)
+            crops, choice = _choose_tta(model, x_val, y_val, settings["train"]["tta_crops"])
+            result["tta_choice"] = choice
+            tta = metrics.tta_probabilities(lambda x: predict_proba(model, x), x_test,
+                                            crops=crops)
             arrays["test_proba_tta"] = tta
             result["test_tta"] = metrics.classification_metrics(y_test, tta)
     atomic_save(lambda path: np.savez_compressed(path, **arrays), files.predictions)
@@ -639,6 +738,19 @@ def _finish(model_name, state, settings, out, val, test, data, say, *, run_dir: 
     say(f"done ({state['stopped_reason']}): best val acc {state['best_val_accuracy']:.3f} at "
         f"epoch {state['best_epoch']}{test_text}")
     return result
+
+
+def _choose_tta(model, x_val, y_val, max_crops: int) -> tuple[int, dict]:
+    """The test-time augmentation applied to PrivateTest, chosen on PublicTest: the mirror
+    alone, or the mirror with ``max_crops`` shifted crops, whichever scores higher there (the
+    mirror on a tie). Returns (crops, a record of the PublicTest accuracies)."""
+    candidates = {"flip": 0, **({f"flip+{max_crops} crops": max_crops} if max_crops else {})}
+    scores = {}
+    for name, crops in candidates.items():
+        proba = metrics.tta_probabilities(lambda x: predict_proba(model, x), x_val, crops=crops)
+        scores[name] = float((proba.argmax(1) == y_val).mean())
+    chosen = max(candidates, key=lambda name: (scores[name], -candidates[name]))
+    return candidates[chosen], {"chosen": chosen, "publictest_accuracy": scores}
 
 
 def train_cv(model_name: str, data: FERData, params: dict, run_dir, *,

@@ -141,6 +141,10 @@ def test_pack_train_return_merge_and_load_round_trip(tmp_path):
     assert alexnet.history.epoch.tolist() == [1, 2]
     assert alexnet.history.loss.iloc[0] == pytest.approx(partial["history"][0]["loss"])
     assert "on jax" in alexnet.metrics["machine"]
+    from ferlib import tensorboard_logs  # every merged epoch in the TensorBoard logs, once
+
+    assert sorted(step for tag, step, _ in tensorboard_logs.read_scalars(alexnet.directory)
+                  if tag == "loss/train") == [1, 2]
     for name, result in results.items():
         assert finished_result(name, data, params, run_dir) == result.metrics, name
         model = keras.models.load_model(result.model_file)

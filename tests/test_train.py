@@ -768,3 +768,66 @@ def test_data_parallel_batches_drop_only_the_incomplete_last_batch(data):
     np.testing.assert_array_equal(x, full[:96])  # same order, the tail left out
     other, _ = ferlib.train._batches(images, onehot, 32, {}, seed=1, epoch=1, drop_remainder=True)
     assert not np.array_equal(np.sort(x.reshape(96, -1), 0), np.sort(other.reshape(96, -1), 0))
+
+
+def _tiny_compiled(train_settings):
+    from ferlib.config import load_params, model_settings
+    from ferlib.train import build_for_settings, compile_model
+
+    params = load_params("smoke")
+    settings = model_settings(params, "alexnet")
+    settings["model_params"] = {"width": 0.25, "dense_units": 16}
+    settings["train"].update(train_settings)
+    model = build_for_settings(settings)
+    compile_model(model, settings)
+    return model
+
+
+def test_weight_averaging_keeps_training_the_raw_weights_and_scores_the_average(data):
+    """With ``ema_momentum`` the optimizer keeps an average; Keras' end-of-fit overwrite is
+    disabled (ferlib fits once per epoch), and ``averaged_weights`` swaps it in and back."""
+    from ferlib.train import averaged_weights
+
+    model = _tiny_compiled({"ema_momentum": 0.5, "optimizer": "adamw"})
+    x, y = data.subset("train")
+    onehot = keras.utils.to_categorical(y, NUM_CLASSES)
+    for _ in range(2):
+        model.fit(x, onehot, epochs=1, batch_size=32, verbose=0)
+    kernel = model.trainable_variables[0]
+    index = [v.path for v in model.optimizer._trainable_variables].index(kernel.path)
+    average = keras.ops.convert_to_numpy(model.optimizer._model_variables_moving_average[index])
+    raw = keras.ops.convert_to_numpy(kernel)
+    assert not np.allclose(raw, average)  # fit did not reset the weights to their average
+    with averaged_weights(model):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel), average)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel), raw)
+
+
+def test_no_decay_on_biases_and_norms_survives_a_checkpoint(tmp_path, data):
+    model = _tiny_compiled({"decay_all_weights": False, "weight_decay": 0.05})
+    x, y = data.subset("train")
+    model.fit(x, keras.utils.to_categorical(y, NUM_CLASSES), epochs=1, batch_size=32, verbose=0)
+    model.save(tmp_path / "checkpoint.keras")
+    from ferlib.train import _optimizers
+
+    _optimizers()
+    loaded = keras.models.load_model(tmp_path / "checkpoint.keras")
+    def as_the_optimizer_sees_it(variable):  # TensorFlow's: "conv1_bn/gamma:0"
+        return variable.value if keras.backend.backend() == "tensorflow" else variable
+
+    for network in (model, loaded):
+        decayed = {(v.name, network.optimizer._use_weight_decay(as_the_optimizer_sees_it(v)))
+                   for v in network.trainable_variables}
+        assert ("kernel", True) in decayed and ("bias", False) in decayed
+        assert ("gamma", False) in decayed and ("bias", True) not in decayed
+
+
+@pytest.mark.train
+def test_ten_crop_tta_is_chosen_on_publictest_and_reported_apart(tmp_path, data):
+    result = ferlib.train.train("alexnet", data, make_params({"tta": True, "tta_crops": 8}),
+                                tmp_path, progress=False)
+    choice = result["tta_choice"]
+    assert set(choice["publictest_accuracy"]) == {"flip", "flip+8 crops"}
+    best = max(choice["publictest_accuracy"].values())
+    assert choice["publictest_accuracy"][choice["chosen"]] == best
+    assert "test_tta" in result and "test" in result  # the plain score stays beside it
