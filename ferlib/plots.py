@@ -530,6 +530,22 @@ def publish(fig, directory, name, dpi=100):
     return PublishedFigure(fig, path)
 
 
+def compute_curves(curves, budget_hours=None, title="PublicTest accuracy against compute"):
+    """Best-so-far PublicTest accuracy of each model against training hours
+    (``ferlib.results.compute_curves``), with the equal-compute budget as a dashed line."""
+    fig, axes = _figure(1, 1, figsize=(7, 4))
+    ax = axes[0][0]
+    for model, curve in curves.groupby("model", sort=False):
+        ax.plot(curve.hours, curve.best_so_far, marker=".", label=model)
+    if budget_hours is not None:
+        ax.axvline(budget_hours, color="grey", linestyle="--", linewidth=1,
+                   label=f"equal compute ({budget_hours:.2f} h)")
+    ax.set(xlabel="training hours (epochs x median epoch seconds)",
+           ylabel="best PublicTest accuracy so far", title=title)
+    ax.legend()
+    return fig
+
+
 def table(frame, precision: int = 3, formats: dict | None = None):
     """A DataFrame as a paper's table: no index column, "–" for missing values, floats
     rounded (``formats``: column -> format string for columns that need another, such as a

@@ -284,6 +284,44 @@ def timing_table(results: dict[str, ModelResult]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def compute_curves(results: dict[str, ModelResult]) -> pd.DataFrame:
+    """PublicTest accuracy against training compute, per model and epoch: ``hours`` is the
+    epoch number times the model's median epoch seconds on this machine (waits of a shared
+    machine left out), ``best_so_far`` the best PublicTest accuracy up to that epoch (what
+    early stopping would keep). Long format: model, epoch, hours, val_accuracy, best_so_far."""
+    frames = []
+    for name, result in results.items():
+        history = result.history[["epoch", "val_accuracy"]].copy()
+        median = float(result.timing.seconds.median()) if len(result.timing) else np.nan
+        history["hours"] = history.epoch * median / 3600
+        history["best_so_far"] = history.val_accuracy.cummax()
+        history.insert(0, "model", result.display_name)
+        frames.append(history)
+    columns = ["model", "epoch", "hours", "val_accuracy", "best_so_far"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(
+        columns=columns)
+
+
+def equal_compute_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """Each model's best PublicTest accuracy within the compute of the model that trained
+    least (:func:`compute_curves`), beside its best with all of its own compute: the
+    comparison at equal training compute. PublicTest only: PrivateTest chooses nothing."""
+    if curves.empty:
+        return pd.DataFrame()
+    totals = curves.groupby("model", sort=False).hours.max()
+    budget = float(totals.min())
+    rows = []
+    for model, curve in curves.groupby("model", sort=False):
+        within = curve[curve.hours <= budget + 1e-9]
+        rows.append({"model": model, "equal compute (hours)": budget,
+                     "epochs within it": int(within.epoch.max()) if len(within) else 0,
+                     "best PublicTest within it": within.best_so_far.max() if len(within)
+                     else np.nan,
+                     "own compute (hours)": float(totals[model]),
+                     "best PublicTest, own compute": curve.best_so_far.max()})
+    return pd.DataFrame(rows)
+
+
 def confusion_percent(result: ModelResult) -> pd.DataFrame:
     """Our PrivateTest confusion matrix in % of the true class, rows/cols in EMOTIONS order."""
     labels, proba = result.test()

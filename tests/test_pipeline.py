@@ -342,8 +342,10 @@ def test_smoke_pipeline_writes_every_report(smoke_run):
     for name in expected[1:]:
         assert f'href="{name}.html"' in index
     compare = (reports / "04_compare.html").read_text()
-    for heading in ("paper", "McNemar", "Conclusion", "Learning curves"):
+    for heading in ("paper", "McNemar", "Conclusion", "Learning curves", "equal training compute",
+                    "best PublicTest within it"):
         assert heading in compare
+    assert (work / "runs" / "smoke" / "figures" / "compute_curves.png").exists()
     cross = (reports / "05_cross.html").read_text()
     assert "generated" in cross and "ensemble" in cross and "95% CI" in cross
     assert len(re.findall(r"\[0\.\d{3}, [01]\.\d{3}\]", cross)) >= 4 * 3  # 4 rows x 3 CIs

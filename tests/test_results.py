@@ -287,3 +287,31 @@ def test_timing_table_uses_the_median_epoch_so_one_paused_epoch_does_not_dominat
     row = results.timing_table({"alexnet": result}).iloc[0]
     assert row["seconds_per_epoch (median)"] == 107.5 and row["fastest_epoch_seconds"] == 100.0
     assert row["total_hours"] == round(1215 / 3600, 2) and row["train_images_per_second"] == 285.0
+
+
+def test_equal_compute_compares_each_model_within_the_least_trained_ones_hours():
+    fast = _curve_result([0.40, 0.50, 0.60, 0.55], 3, 1, "early_stopping")
+    fast.name = "alexnet"
+    fast.timing = pd.DataFrame({"epoch": [1, 2, 3, 4], "seconds": [900.0, 900.0, 5000.0, 900.0],
+                                "images_per_second": [1.0] * 4})
+    slow = _curve_result([0.30, 0.45, 0.48, 0.52, 0.58, 0.66], 6, 1, "completed")
+    slow.name = "vit"
+    slow.timing = pd.DataFrame({"epoch": range(1, 7), "seconds": [600.0] * 6,
+                                "images_per_second": [1.0] * 6})
+    curves = results.compute_curves({"alexnet": fast, "vit": slow})
+    # hours: epochs x the median epoch (900 s: the paused 5000 s epoch is left out)
+    assert curves[curves.model == fast.display_name].hours.tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert curves.best_so_far.tolist()[:4] == [0.40, 0.50, 0.60, 0.60]
+    table = results.equal_compute_table(curves).set_index("model")
+    assert table["equal compute (hours)"].unique().tolist() == [1.0]  # AlexNet's 4 x 900 s
+    vit = table.loc["ViT"]
+    assert vit["epochs within it"] == 6 and vit["best PublicTest within it"] == 0.66
+    slow.timing["seconds"] = 1200.0  # now 6 x 1200 s = 2 h: within 1 h only 3 epochs
+    table = results.equal_compute_table(results.compute_curves(
+        {"alexnet": fast, "vit": slow})).set_index("model")
+    assert table.loc["ViT", "epochs within it"] == 3
+    assert table.loc["ViT", "best PublicTest within it"] == 0.48
+    assert table.loc["ViT", "best PublicTest, own compute"] == 0.66
+    from ferlib import plots
+
+    assert plots.compute_curves(results.compute_curves({"vit": slow}), 1.0) is not None
