@@ -289,10 +289,7 @@ def _validate_cross_datasets(datasets: dict) -> None:
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a path or a mapping with path, group_pattern, "
                              f"class_map; got {entry!r}")
-        unknown = sorted(set(entry) - set(CROSS_DATASET_KEYS))
-        if unknown:
-            raise ValueError(f"unknown key '{where}.{unknown[0]}'; allowed keys: "
-                             f"{', '.join(CROSS_DATASET_KEYS)}")
+        _reject_unknown_keys(entry, CROSS_DATASET_KEYS, where)
         if not isinstance(entry.get("path"), str):
             raise ValueError(f"{where}.path: expected a path string, got {entry.get('path')!r}")
         pattern = entry.get("group_pattern")
@@ -407,14 +404,19 @@ def _check_vit_shapes(params: dict, name: str, search: dict) -> None:
                                  f"split into {heads} heads (model.num_heads)")
 
 
+def _reject_unknown_keys(mapping: dict, allowed, where: str) -> None:
+    """The one-line unknown-key error for a mapping whose keys are a fixed set."""
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown key '{where}.{unknown[0]}'; allowed keys: "
+                         f"{', '.join(allowed)}")
+
+
 def _validate_range(spec, expected, where: str) -> None:
     if not isinstance(spec, dict) or not spec:
         raise ValueError(f"{where}: expected {{low: .., high: ..[, log: true][, step: ..]}} or "
                          f"{{choices: [..]}}, got {spec!r}")
-    unknown = sorted(set(spec) - set(SEARCH_RANGE_KEYS))
-    if unknown:
-        raise ValueError(f"unknown key '{where}.{unknown[0]}'; allowed keys: "
-                         f"{', '.join(SEARCH_RANGE_KEYS)}")
+    _reject_unknown_keys(spec, SEARCH_RANGE_KEYS, where)
     if "choices" in spec:
         if set(spec) != {"choices"}:
             raise ValueError(f"{where}: give either choices or low/high, not both")

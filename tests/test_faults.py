@@ -72,26 +72,12 @@ def test_two_concurrent_trains_killed_at_random_points_leave_a_resumable_run(
     import random
     import time
 
-    from test_train import history_of, synthetic_data, write_challenge_csv
+    from test_train import cli_training, history_of
 
     from ferlib.runs import read_json
 
     epochs = 8
-    csv = write_challenge_csv(tmp_path / "fer2013.csv", synthetic_data(per_split=(60, 10, 10)))
-    profile = tmp_path / "twice.yaml"
-    profile.write_text(textwrap.dedent(f"""
-        seed: 0
-        models: [alexnet]
-        train: {{epochs: {epochs}, batch_size: 16, learning_rate: 0.003, warmup_epochs: 0,
-                 early_stopping_patience: null, tta: false}}
-        model_params: {{alexnet: {{width: 0.25, dense_units: 16}}}}
-    """))
-    run_dir = tmp_path / "run"
-    out = run_dir / "models" / "alexnet"
-    command = [sys.executable, "-m", "ferlib", "train", "--profile", str(profile),
-               "--run-dir", str(run_dir)]
-    env = {**os.environ, "FER2013_PATH": str(csv), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "FERLIB_CACHE": str(tmp_path / "cache")}
+    _, run_dir, out, command, env = cli_training(tmp_path, epochs)
     rng = random.Random(seed)
     logs = [tmp_path / f"writer-{index}.log" for index in range(2)]
     handles = [open(log, "w") for log in logs]

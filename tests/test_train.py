@@ -679,13 +679,12 @@ def write_challenge_csv(path: Path, data: FERData) -> Path:
     return path
 
 
-@pytest.mark.train
-def test_profile_runner_resumes_after_kill_mid_epoch(tmp_path):
-    """``python -m ferlib train --profile P`` killed with SIGKILL during an epoch and started
-    again continues from its last completed epoch: every epoch once in history.csv."""
-    epochs = 8
+def cli_training(tmp_path: Path, epochs: int):
+    """A tiny AlexNet-style profile on a generated challenge CSV, and the ``python -m ferlib
+    train`` command and environment that train it: (profile, run_dir, model folder, command,
+    env)."""
     csv = write_challenge_csv(tmp_path / "fer2013.csv", synthetic_data(per_split=(60, 10, 10)))
-    profile = tmp_path / "resume.yaml"
+    profile = tmp_path / "tiny.yaml"
     profile.write_text(textwrap.dedent(f"""
         seed: 0
         models: [alexnet]
@@ -694,11 +693,19 @@ def test_profile_runner_resumes_after_kill_mid_epoch(tmp_path):
         model_params: {{alexnet: {{width: 0.25, dense_units: 16}}}}
     """))
     run_dir = tmp_path / "run"
-    out = run_dir / "models" / "alexnet"
     command = [sys.executable, "-m", "ferlib", "train", "--profile", str(profile),
                "--run-dir", str(run_dir)]
     env = {**os.environ, "FER2013_PATH": str(csv), "TF_CPP_MIN_LOG_LEVEL": "2",
            "FERLIB_CACHE": str(tmp_path / "cache")}
+    return profile, run_dir, run_dir / "models" / "alexnet", command, env
+
+
+@pytest.mark.train
+def test_profile_runner_resumes_after_kill_mid_epoch(tmp_path):
+    """``python -m ferlib train --profile P`` killed with SIGKILL during an epoch and started
+    again continues from its last completed epoch: every epoch once in history.csv."""
+    epochs = 8
+    profile, run_dir, out, command, env = cli_training(tmp_path, epochs)
     log = tmp_path / "first.log"
     with open(log, "w") as handle:
         child = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=handle,
