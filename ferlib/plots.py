@@ -530,19 +530,29 @@ def publish(fig, directory, name, dpi=100):
     return PublishedFigure(fig, path)
 
 
-def compute_curves(curves, budget_hours=None, title="PublicTest accuracy against compute"):
-    """Best-so-far PublicTest accuracy of each model against training hours
-    (``ferlib.results.compute_curves``), with the equal-compute budget as a dashed line."""
-    fig, axes = _figure(1, 1, figsize=(7, 4))
-    ax = axes[0][0]
-    for model, curve in curves.groupby("model", sort=False):
-        ax.plot(curve.hours, curve.best_so_far, marker=".", label=model)
-    if budget_hours is not None:
-        ax.axvline(budget_hours, color="grey", linestyle="--", linewidth=1,
-                   label=f"equal compute ({budget_hours:.2f} h)")
-    ax.set(xlabel="training hours (epochs x median epoch seconds)",
-           ylabel="best PublicTest accuracy so far", title=title)
-    ax.legend()
+def compute_curves(curves, budget_hours=None, budget_flops=None,
+                   title="PublicTest accuracy against compute"):
+    """Best-so-far PublicTest accuracy of each model against training hours, and against
+    cumulative training FLOPs (log scale) where they were counted
+    (``ferlib.results.compute_curves``), with the equal-compute budgets as dashed lines."""
+    with_flops = "flops" in curves and curves.flops.notna().any()
+    fig, axes = _figure(1, 2 if with_flops else 1, figsize=(12 if with_flops else 7, 4))
+    panels = [("hours", budget_hours, "training hours (epochs x median epoch seconds)",
+               lambda b: f"{b:.2f} h")]
+    if with_flops:
+        panels.append(("flops", budget_flops, "cumulative training FLOPs (3 x forward)",
+                       lambda b: f"{b:.1e} FLOPs"))
+    for ax, (column, budget, xlabel, label) in zip(axes[0], panels):
+        for model, curve in curves.dropna(subset=[column]).groupby("model", sort=False):
+            ax.plot(curve[column], curve.best_so_far, marker=".", label=model)
+        if budget is not None:
+            ax.axvline(budget, color="grey", linestyle="--", linewidth=1,
+                       label=f"equal compute ({label(budget)})")
+        if column == "flops":
+            ax.set_xscale("log")
+        ax.set(xlabel=xlabel, ylabel="best PublicTest accuracy so far")
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
     return fig
 
 

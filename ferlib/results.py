@@ -284,42 +284,145 @@ def timing_table(results: dict[str, ModelResult]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compute_curves(results: dict[str, ModelResult]) -> pd.DataFrame:
+# Training FLOPs per image: the forward pass and a backward pass of about twice its cost
+# (the usual 3x rule of thumb, Kaplan et al. 2020). Validation passes are not counted.
+TRAIN_FLOPS_PER_FORWARD = 3
+
+
+def forward_flops(results: dict[str, ModelResult]) -> dict[str, float]:
+    """Forward FLOPs per image of each model, counted by TensorFlow's graph profiler on a model
+    built from its ``settings.json`` (``ferlib.models.count_flops``); a model it cannot count
+    (no TensorFlow, another backend) is left out."""
+    from ferlib.models import count_flops
+    from ferlib.train import build_for_settings
+
+    counted = {}
+    for name, result in results.items():
+        flops = count_flops(build_for_settings(result.settings)) if result.settings else None
+        if flops:
+            counted[name] = float(flops)
+    return counted
+
+
+def compute_curves(results: dict[str, ModelResult],
+                   flops: dict[str, float] | None = None) -> pd.DataFrame:
     """PublicTest accuracy against training compute, per model and epoch: ``hours`` is the
     epoch number times the model's median epoch seconds on this machine (waits of a shared
-    machine left out), ``best_so_far`` the best PublicTest accuracy up to that epoch (what
-    early stopping would keep). Long format: model, epoch, hours, val_accuracy, best_so_far."""
+    machine left out); ``flops`` the cumulative training FLOPs (``flops[name]`` forward FLOPs
+    per image x :data:`TRAIN_FLOPS_PER_FORWARD` x the images trained on, NaN where not
+    counted); ``best_so_far`` the best PublicTest accuracy up to that epoch (what early
+    stopping would keep). Long format: model, epoch, hours, flops, val_accuracy, best_so_far."""
     frames = []
     for name, result in results.items():
         history = result.history[["epoch", "val_accuracy"]].copy()
-        median = float(result.timing.seconds.median()) if len(result.timing) else np.nan
+        timing = result.timing
+        median = float(timing.seconds.median()) if len(timing) else np.nan
         history["hours"] = history.epoch * median / 3600
+        per_image = (flops or {}).get(name, np.nan) * TRAIN_FLOPS_PER_FORWARD
+        if {"train_seconds", "images_per_second"} <= set(timing.columns) and len(timing):
+            images = (timing.set_index("epoch").train_seconds
+                      * timing.set_index("epoch").images_per_second).round()
+            history["flops"] = history.epoch.map(images.cumsum()).to_numpy() * per_image
+        else:
+            history["flops"] = np.nan
         history["best_so_far"] = history.val_accuracy.cummax()
         history.insert(0, "model", result.display_name)
         frames.append(history)
-    columns = ["model", "epoch", "hours", "val_accuracy", "best_so_far"]
+    columns = ["model", "epoch", "hours", "flops", "val_accuracy", "best_so_far"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(
         columns=columns)
 
 
-def equal_compute_table(curves: pd.DataFrame) -> pd.DataFrame:
+def equal_compute_table(curves: pd.DataFrame, axis: str = "hours") -> pd.DataFrame:
     """Each model's best PublicTest accuracy within the compute of the model that trained
-    least (:func:`compute_curves`), beside its best with all of its own compute: the
-    comparison at equal training compute. PublicTest only: PrivateTest chooses nothing."""
+    least (:func:`compute_curves`; ``axis`` "hours" or "flops"), beside its best with all of
+    its own compute: the comparison at equal training compute. PublicTest only: PrivateTest
+    chooses nothing."""
+    unit = {"hours": "hours", "flops": "FLOPs"}[axis]
+    curves = curves.dropna(subset=[axis]) if axis in curves else curves.iloc[:0]
     if curves.empty:
         return pd.DataFrame()
-    totals = curves.groupby("model", sort=False).hours.max()
+    totals = curves.groupby("model", sort=False)[axis].max()
     budget = float(totals.min())
     rows = []
     for model, curve in curves.groupby("model", sort=False):
-        within = curve[curve.hours <= budget + 1e-9]
-        rows.append({"model": model, "equal compute (hours)": budget,
+        within = curve[curve[axis] <= budget * (1 + 1e-9)]
+        rows.append({"model": model, f"equal compute ({unit})": budget,
                      "epochs within it": int(within.epoch.max()) if len(within) else 0,
                      "best PublicTest within it": within.best_so_far.max() if len(within)
                      else np.nan,
-                     "own compute (hours)": float(totals[model]),
+                     f"own compute ({unit})": float(totals[model]),
                      "best PublicTest, own compute": curve.best_so_far.max()})
     return pd.DataFrame(rows)
+
+
+def compute_budgets(totals, axis: str) -> list[float]:
+    """Round budgets that span the models' compute: powers of 2 hours, or powers of 10
+    FLOPs, from about a quarter (hours) or a tenth (FLOPs) of the smallest model's compute up
+    to the largest's, at most five (the largest kept)."""
+    totals = [float(t) for t in totals if np.isfinite(t) and t > 0]
+    if not totals:
+        return []
+    base, reach = (2.0, 4.0) if axis == "hours" else (10.0, 10.0)
+    low = int(np.ceil(np.log(min(totals) / reach) / np.log(base) - 1e-9))
+    high = int(np.floor(np.log(max(totals)) / np.log(base) + 1e-9))
+    return [float(base ** k) for k in range(low, high + 1)][-5:]
+
+
+def budget_table(curves: pd.DataFrame, axis: str = "hours",
+                 budgets: list[float] | None = None) -> pd.DataFrame:
+    """Each model's best PublicTest accuracy within each of the same fixed budgets (hours or
+    FLOPs, :func:`compute_budgets` unless given): one row per model, one column per budget.
+    A model that stopped (early stopping) before a budget keeps the best it reached; a model
+    whose first epoch already exceeds a budget has none (NaN). ``compute used`` says how much
+    each model trained."""
+    curves = curves.dropna(subset=[axis]) if axis in curves else curves.iloc[:0]
+    if curves.empty:
+        return pd.DataFrame()
+    totals = curves.groupby("model", sort=False)[axis].max()
+    budgets = compute_budgets(totals, axis) if budgets is None else budgets
+    label = (lambda b: f"{b:g} h") if axis == "hours" else (lambda b: f"{b:.0e} FLOPs")
+    rows = []
+    for model, curve in curves.groupby("model", sort=False):
+        row = {"model": model}
+        for budget in budgets:
+            within = curve[curve[axis] <= budget * (1 + 1e-9)]
+            row[label(budget)] = within.best_so_far.max() if len(within) else np.nan
+        row["compute used"] = (f"{totals[model]:.2f} h" if axis == "hours"
+                               else f"{totals[model]:.2e} FLOPs")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def equal_compute_sentence(curves: pd.DataFrame) -> str:
+    """Which architecture wins at equal compute (the least-trained model's hours, and FLOPs
+    where counted), and whether that differs from the ranking with each model's own compute.
+    Generated from PublicTest curves; PrivateTest chooses nothing."""
+    sentences = []
+    for axis, unit in (("hours", "h"), ("flops", "FLOPs")):
+        table = equal_compute_table(curves, axis)
+        if len(table) < 2:
+            continue
+        budget = table.iloc[0, 1]
+        at_equal = table.sort_values("best PublicTest within it", ascending=False)
+        at_own = table.sort_values("best PublicTest, own compute", ascending=False)
+        amount = f"{budget:.2f} h" if axis == "hours" else f"{budget:.2e} FLOPs"
+        order = ", ".join(f"{row.model} {row['best PublicTest within it']:.3f}"
+                          if pd.notna(row["best PublicTest within it"]) else
+                          f"{row.model}: no epoch within it" for _, row in at_equal.iterrows())
+        same = list(at_equal.model) == list(at_own.model)
+        verdict = ("the same ranking as with each model's own compute" if same else
+                   "with each model's own compute the ranking is " + ", ".join(
+                       f"{row.model} {row['best PublicTest, own compute']:.3f}"
+                       for _, row in at_own.iterrows()))
+        # a model with no epoch within the budget counts as behind by the leader's whole score
+        scores = at_equal["best PublicTest within it"].fillna(0.0)
+        lead = scores.iloc[0] - scores.iloc[1]
+        sentences.append(f"At equal {'training time' if axis == 'hours' else 'training FLOPs'}"
+                         f" ({amount}, the least-trained model's), **{at_equal.iloc[0].model}**"
+                         f" leads on PublicTest by {100 * lead:.1f} points ({order}): "
+                         f"{verdict}.")
+    return " ".join(sentences) or "Fewer than two models to compare at equal compute."
 
 
 def confusion_percent(result: ModelResult) -> pd.DataFrame:

@@ -315,3 +315,64 @@ def test_equal_compute_compares_each_model_within_the_least_trained_ones_hours()
     from ferlib import plots
 
     assert plots.compute_curves(results.compute_curves({"vit": slow}), 1.0) is not None
+
+
+def _timed(result, seconds, images=1000):
+    epochs = range(1, len(result.history) + 1)
+    result.timing = pd.DataFrame({"epoch": epochs, "seconds": seconds,
+                                  "train_seconds": [s * 0.9 for s in seconds],
+                                  "images_per_second": [images / (s * 0.9) for s in seconds]})
+    return result
+
+
+def test_training_flops_are_three_forwards_per_image_trained_on_and_budgets_are_shared():
+    cheap = _timed(_curve_result([0.40, 0.50, 0.60, 0.55], 3, 1, "early_stopping"),
+                   [1800.0] * 4)
+    cheap.name = "alexnet"
+    costly = _timed(_curve_result([0.30, 0.45, 0.58, 0.62, 0.66, 0.67], 6, 1, "completed"),
+                    [2400.0] * 6)
+    costly.name = "vit"
+    curves = results.compute_curves({"alexnet": cheap, "vit": costly},
+                                    {"alexnet": 1e9, "vit": 1e10})
+    alexnet = curves[curves.model == cheap.display_name]
+    # 1,000 images per epoch x 3 x 1e9 forward FLOPs, cumulative
+    assert np.allclose(alexnet.flops, [3e12, 6e12, 9e12, 1.2e13])
+    assert np.allclose(curves[curves.model == "ViT"].flops.iloc[0], 3e13)
+    # at the AlexNet's 1.2e13 FLOPs the ViT has not finished one epoch: no score at all
+    flops = results.equal_compute_table(curves, "flops").set_index("model")
+    assert flops.loc["ViT", "epochs within it"] == 0
+    assert np.isnan(flops.loc["ViT", "best PublicTest within it"])
+    # fixed budgets: powers of 2 hours from a quarter of the smallest total (2 h) to the largest
+    # (4 h); powers of 10 FLOPs from a tenth of the smallest
+    assert results.compute_budgets([2.0, 4.0], "hours") == [0.5, 1.0, 2.0, 4.0]
+    assert results.compute_budgets([2e12, 5e14], "flops") == [1e12, 1e13, 1e14]
+    hours = results.budget_table(curves, "hours").set_index("model")
+    assert list(hours.columns) == ["0.5 h", "1 h", "2 h", "4 h", "compute used"]
+    assert np.isnan(hours.loc["ViT", "0.5 h"])  # its first epoch took 0.67 h
+    assert hours.loc["ViT"][["1 h", "2 h", "4 h"]].tolist() == [0.30, 0.58, 0.67]
+    # AlexNet stopped at 2 h: it keeps its best (0.60) at the later budget
+    assert hours.loc[cheap.display_name, "4 h"] == 0.60
+    assert hours.loc["ViT", "compute used"] == "4.00 h"
+    sentence = results.equal_compute_sentence(curves)
+    assert sentence.startswith(f"At equal training time (2.00 h, the least-trained model's), "
+                               f"**{cheap.display_name}** leads on PublicTest by 2.0 points")
+    assert f"ranking is ViT 0.670, {cheap.display_name} 0.600" in sentence
+    assert "ViT: no epoch within it" in sentence  # the FLOPs half
+    # without FLOPs (another backend) the FLOPs half is left out, and the plot has one panel
+    no_flops = results.compute_curves({"alexnet": cheap, "vit": costly})
+    assert no_flops.flops.isna().all() and results.equal_compute_table(no_flops, "flops").empty
+    assert "FLOPs" not in results.equal_compute_sentence(no_flops)
+    from ferlib import plots
+
+    assert len(plots.compute_curves(curves, 2.0, 1.2e13).axes) == 2
+    assert len(plots.compute_curves(no_flops, 2.0).axes) == 1
+
+
+def test_forward_flops_counts_a_tiny_model_built_from_its_settings():
+    from ferlib.config import load_params, model_settings
+
+    result = _curve_result([0.4], 1, 1, "completed")
+    result.name = "alexnet"
+    result.settings = model_settings(load_params("smoke"), "alexnet")
+    counted = results.forward_flops({"alexnet": result})
+    assert counted["alexnet"] > 1e6
