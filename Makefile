@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup report train search status tensorboard test test-fast lab benchmark gpu-pack gpu-merge clean
+.PHONY: help setup report train search ablation status tensorboard test test-fast lab benchmark gpu-pack gpu-merge clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,6 +44,13 @@ search: setup ## Optuna recipe search of every model in PROFILE's search space, 
 	@for model in $$($(BIN)/python -c "from ferlib.config import load_params; from ferlib import MODEL_NAMES; space = load_params('$(PROFILE)')['search']['space']; print(*[m for m in MODEL_NAMES if m in space])"); do \
 		echo "searching $$model (log: runs/$(PROFILE)/search.log)"; \
 		$(BIN)/python -m ferlib search --profile $(PROFILE) --model $$model >> runs/$(PROFILE)/search.log 2>&1 || exit 1; \
+	done
+
+ablation: setup ## A/B runs of training techniques (PROFILE's ablation: section), one model after another (resumable; log: runs/PROFILE/ablation.log)
+	@mkdir -p runs/$(PROFILE)
+	@for model in $$($(BIN)/python -c "from ferlib.config import load_params; print(*load_params('$(PROFILE)')['ablation']['models'])"); do \
+		echo "A/B of $$model (log: runs/$(PROFILE)/ablation.log)"; \
+		$(BIN)/python -m ferlib ablation --profile $(PROFILE) --model $$model >> runs/$(PROFILE)/ablation.log 2>&1 || exit 1; \
 	done
 
 status: ## epochs done, best PublicTest accuracy and time left per model of PROFILE's run

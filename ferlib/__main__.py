@@ -137,6 +137,22 @@ def _search(args) -> int:
     return 0
 
 
+def _ablation(args) -> int:
+    from ferlib.ablation import ablation_table, open_ablation, run_ablation
+    from ferlib.config import load_params, parse_overrides
+
+    params = load_params(args.profile, parse_overrides(args.set))
+    if args.table:
+        study = open_ablation(params, args.model, args.storage, run_dir=args.run_dir)
+    else:
+        study = run_ablation(params, args.model, storage=args.storage, run_dir=args.run_dir)
+    table = ablation_table(study)
+    print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}") if len(table)
+          else f"no A/B run yet: python -m ferlib ablation --profile {args.profile} "
+               f"--model {args.model}")
+    return 0
+
+
 def _report(args) -> int:
     from ferlib.pipeline import report
 
@@ -611,6 +627,19 @@ def main(argv=None) -> int:
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument("--run-dir", help="default: runs/<profile>")
     search.set_defaults(handler=_search)
+    ablation = commands.add_parser(
+        "ablation", help="A/B runs of training techniques (ablation.variants) on top of one "
+        "model's recipe, each with the same seeds, scored on PublicTest (resumable)")
+    ablation.add_argument("--profile", default="quick", help="params/<profile>.yaml (its "
+                          "ablation: section; the search: section gives the protocol)")
+    ablation.add_argument("--model", required=True, help="one of the profile's ablation.models")
+    ablation.add_argument("--storage", help="Optuna storage URL (default: "
+                          "sqlite:///runs/<profile>/search/studies.db)")
+    ablation.add_argument("--table", action="store_true", help="print the table of the runs "
+                          "so far, and train nothing")
+    ablation.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ablation.add_argument("--run-dir", help="default: runs/<profile>")
+    ablation.set_defaults(handler=_ablation)
     report_parser.add_argument("--runs-root", help="folder of run directories (default: runs/)")
     report_parser.add_argument("--reports-root", help="folder of report folders "
                                "(default: reports/)")

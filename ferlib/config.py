@@ -116,6 +116,15 @@ SEARCH_SCHEMA = {
 }
 SEARCH_RANGE_KEYS = ("low", "high", "log", "step", "choices")
 
+# ``ablation:`` in a profile: A/B runs of training techniques on top of the adopted recipes
+# (``python -m ferlib ablation``), under the search's protocol (its subset, epochs and fixed
+# settings). Each variant maps dotted paths to values; "baseline" (the recipe as it is) is added.
+ABLATION_SCHEMA = {
+    "models": (list, []),           # the models to A/B (each of MODEL_NAMES)
+    "seeds": (int, 2),              # training seeds per variant (the same seeds for every one)
+    "variants": (dict, {}),         # name -> {dotted path: value}
+}
+
 SCHEMA = {
     "profile": (str, "custom"),
     "description": (str, ""),
@@ -136,6 +145,7 @@ SCHEMA = {
     # Per-model augmentation strengths (a searched recipe may want its own).
     "augment_overrides": {name: dict(AUGMENT_SCHEMA) for name in MODEL_NAMES},
     "search": SEARCH_SCHEMA,
+    "ablation": ABLATION_SCHEMA,
     # Extra labelled datasets for the cross-dataset page (05_cross): name -> a path (``$VAR``
     # and ``~`` expanded) or {path, group_pattern, class_map}; see ferlib.cross.
     "cross_datasets": (dict, {}),
@@ -268,6 +278,7 @@ def validate(params: dict) -> dict:
             raise ValueError(f"model_params.{name}.hidden_dim: {model['hidden_dim']} does not "
                              f"split into {model['num_heads']} heads (num_heads)")
     _validate_search(resolved)
+    _validate_ablation(resolved)
     _validate_cross_datasets(resolved["cross_datasets"])
     return resolved
 
@@ -376,6 +387,31 @@ def _validate_search(params: dict) -> None:
             search_target(path, name, f"search.fixed.{path}")
         _check_vit_shapes(params, name, search)
         _validate(deep_merge(params, search_overrides(fixed, name)), SCHEMA, "", partial=True)
+
+
+def _validate_ablation(params: dict) -> None:
+    """Known models, at least one seed, and variants of known paths with values of the right
+    type and range for every ablated model."""
+    ablation = params["ablation"]
+    for name in ablation["models"]:
+        if name not in MODEL_NAMES:
+            raise ValueError(f"ablation.models: unknown model {name!r}; allowed values: "
+                             f"{', '.join(MODEL_NAMES)}")
+    if ablation["seeds"] < 1:
+        raise ValueError(f"ablation.seeds: expected at least 1, got {ablation['seeds']}")
+    for variant, values in ablation["variants"].items():
+        where = f"ablation.variants.{variant}"
+        if variant == "baseline" or not re.fullmatch(r"[A-Za-z0-9_.-]+", str(variant)):
+            raise ValueError(f"{where}: a variant name is letters, digits, '_', '.' or '-', and "
+                             f"not 'baseline' (the recipe as it is, always run)")
+        if not isinstance(values, dict) or not values:
+            raise ValueError(f"{where}: expected a mapping of dotted paths to values, e.g. "
+                             f"{{train.ema_momentum: 0.999}}; got {values!r}")
+        for name in ablation["models"]:
+            for path in values:
+                search_target(path, name, f"{where}.{path}")
+            _validate(deep_merge(params, search_overrides(values, name)), SCHEMA, "",
+                      partial=True)
 
 
 def _check_vit_shapes(params: dict, name: str, search: dict) -> None:

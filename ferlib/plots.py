@@ -577,6 +577,30 @@ def table(frame, precision: int = 3, formats: dict | None = None):
 
 # ------------------------------------------------------------------- recipe search
 
+def ablation_bars(tables: dict, title="Training techniques against the adopted recipe"):
+    """One panel per model: each variant's mean paired PublicTest difference to the baseline
+    (same seeds), in points, with the range over seeds as whiskers
+    (``ferlib.ablation.ablation_table``). None when no variant has a paired run."""
+    tables = {name: table.dropna(subset=["vs baseline (paired mean)"])
+              for name, table in tables.items()}
+    tables = {name: table for name, table in tables.items() if len(table)}
+    if not tables:
+        return None
+    fig, axes = _figure(1, len(tables), figsize=(5 * len(tables), 0.5 + 0.5 * max(
+        len(table) for table in tables.values()) + 1.2))
+    for ax, (name, table) in zip(axes[0], tables.items()):
+        mean = 100 * table["vs baseline (paired mean)"].to_numpy()
+        low = mean - 100 * table["paired min"].to_numpy()
+        high = 100 * table["paired max"].to_numpy() - mean
+        colours = ["tab:green" if value > 0 else "tab:red" for value in mean]
+        ax.barh(table.variant, mean, xerr=[low, high], color=colours, capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.invert_yaxis()
+        ax.set(title=_display_name(name), xlabel="PublicTest vs baseline (points, same seeds)")
+    fig.suptitle(title)
+    return fig
+
+
 _STATE_COLOURS = {"complete": "tab:blue", "pruned": "tab:orange"}
 
 

@@ -61,9 +61,9 @@ def default_storage(run_dir: Path) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
-def open_storage(url: str, heartbeat_seconds: int = 60):
+def open_storage(url: str, heartbeat_seconds: int = 60, retry: bool = True):
     """An Optuna RDB storage with heartbeats: a trial is stale after 3 missed beats and is
-    then re-queued once with its recipe."""
+    then marked failed and (``retry``) re-queued once with its recipe."""
     from filelock import FileLock
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -72,7 +72,7 @@ def open_storage(url: str, heartbeat_seconds: int = 60):
         return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds,
                           grace_period=3 * heartbeat_seconds,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                              max_retry=1))
+                              max_retry=1) if retry else None)
 
     # Two workers opening a new SQLite file at once would both create its tables (and one
     # fail); a lock beside the file makes the first create them and the second find them.
@@ -148,11 +148,11 @@ def open_study(params: dict, model_name: str, storage: str | None = None, *,
                                 load_if_exists=True)
     record = record_path(params, model_name)
     if record is not None and record.exists() and not study.get_trials(deepcopy=False):
-        copied = optuna.load_study(study_name=name, storage=_journal(record))
+        copied = optuna.load_study(study_name=name, storage=journal_storage(record))
         study.add_trials(copied.get_trials(deepcopy=False))
         for key, value in copied.user_attrs.items():
             study.set_user_attr(key, value)
-        print(f"[search {name}] seeded from {_shown(record)}: {len(copied.trials)} trials")
+        print(f"[search {name}] seeded from {shown_path(record)}: {len(copied.trials)} trials")
     budget = {key: search[key] for key in ("trials", "epochs", "train_images", "pruner")}
     study.set_user_attr("budget", budget)
     study.set_user_attr("space", model_space(params, model_name))
@@ -160,7 +160,7 @@ def open_study(params: dict, model_name: str, storage: str | None = None, *,
     return study
 
 
-def _shown(path: Path) -> str:
+def shown_path(path: Path) -> str:
     from ferlib import PROJECT_ROOT
 
     try:
@@ -169,7 +169,7 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _journal(path: Path):
+def journal_storage(path: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -195,7 +195,8 @@ def save_record(study, path: Path) -> Path:
         trials.append(trial)
 
     def write(temporary: str):
-        copy = optuna.create_study(study_name=study.study_name, storage=_journal(Path(temporary)),
+        copy = optuna.create_study(study_name=study.study_name,
+                                   storage=journal_storage(Path(temporary)),
                                    directions=study.directions)
         for key, value in study.user_attrs.items():
             copy.set_user_attr(key, value)
@@ -212,7 +213,7 @@ def counted_trials(study) -> list:
     return study.get_trials(deepcopy=False, states=states)
 
 
-def _drop_weights(directory: Path) -> None:
+def drop_weights(directory: Path) -> None:
     """Keep a trial's history, timing and metrics; its model files are not needed later."""
     for pattern in ("*.keras", "*.h5"):
         for file in Path(directory).rglob(pattern):
@@ -323,7 +324,7 @@ def run_search(params: dict, model_name: str, *, trials: int | None = None,
             result = train(model_name, data, settings, trial_dir, progress=progress,
                            on_epoch=report)
         finally:
-            _drop_weights(trial_dir)
+            drop_weights(trial_dir)
         trial.set_user_attr("best_epoch", result["best_epoch"])
         return result["val"]["accuracy"]
 
@@ -354,7 +355,7 @@ def run_search(params: dict, model_name: str, *, trials: int | None = None,
         catch=(BudgetReached,), gc_after_trial=True)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
         if trial.user_attrs.get("directory"):
-            _drop_weights(directory / trial.user_attrs["directory"])  # a dead worker's
+            drop_weights(directory / trial.user_attrs["directory"])  # a dead worker's
     return study
 
 
@@ -463,6 +464,7 @@ def load_studies(params: dict, storage: str | None = None, run_dir: Path | None 
         if name in names:
             studies[model_name] = optuna.load_study(study_name=name, storage=storage)
         elif record is not None and record.exists():  # the committed copy, e.g. a fresh clone
-            studies[model_name] = optuna.load_study(study_name=name, storage=_journal(record))
+            studies[model_name] = optuna.load_study(study_name=name,
+                                                    storage=journal_storage(record))
     return studies
 
