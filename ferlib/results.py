@@ -293,12 +293,13 @@ def forward_flops(results: dict[str, ModelResult]) -> dict[str, float]:
     """Forward FLOPs per image of each model, counted by TensorFlow's graph profiler on a model
     built from its ``settings.json`` (``ferlib.models.count_flops``); a model it cannot count
     (no TensorFlow, another backend) is left out."""
-    from ferlib.models import count_flops
-    from ferlib.train import build_for_settings
+    from ferlib.models import build_model, count_flops
 
     counted = {}
     for name, result in results.items():
-        flops = count_flops(build_for_settings(result.settings)) if result.settings else None
+        settings = result.settings
+        flops = count_flops(build_model(settings["model"], **settings["model_params"])) \
+            if settings else None
         if flops:
             counted[name] = float(flops)
     return counted
@@ -381,7 +382,11 @@ def budget_table(curves: pd.DataFrame, axis: str = "hours",
         return pd.DataFrame()
     totals = curves.groupby("model", sort=False)[axis].max()
     budgets = compute_budgets(totals, axis) if budgets is None else budgets
-    label = (lambda b: f"{b:g} h") if axis == "hours" else (lambda b: f"{b:.0e} FLOPs")
+    def label(budget):
+        if axis == "flops":
+            return f"{budget:.0e} FLOPs"
+        return f"{budget:g} h" if budget >= 1 else f"{budget * 60:.3g} min"
+
     rows = []
     for model, curve in curves.groupby("model", sort=False):
         row = {"model": model}

@@ -347,8 +347,8 @@ def test_training_flops_are_three_forwards_per_image_trained_on_and_budgets_are_
     assert results.compute_budgets([2.0, 4.0], "hours") == [0.5, 1.0, 2.0, 4.0]
     assert results.compute_budgets([2e12, 5e14], "flops") == [1e12, 1e13, 1e14]
     hours = results.budget_table(curves, "hours").set_index("model")
-    assert list(hours.columns) == ["0.5 h", "1 h", "2 h", "4 h", "compute used"]
-    assert np.isnan(hours.loc["ViT", "0.5 h"])  # its first epoch took 0.67 h
+    assert list(hours.columns) == ["30 min", "1 h", "2 h", "4 h", "compute used"]
+    assert np.isnan(hours.loc["ViT", "30 min"])  # its first epoch took 0.67 h
     assert hours.loc["ViT"][["1 h", "2 h", "4 h"]].tolist() == [0.30, 0.58, 0.67]
     # AlexNet stopped at 2 h: it keeps its best (0.60) at the later budget
     assert hours.loc[cheap.display_name, "4 h"] == 0.60
