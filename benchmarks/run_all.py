@@ -19,6 +19,9 @@ Benchmarks (``--only`` picks some, in this order):
   (needs ``pip install -e .[export]`` for ONNX; a missing runtime is reported, not measured)
 - ``smoke_report``: wall time of ``make report PROFILE=smoke`` in a temporary folder
 - ``gpu``: seconds per epoch of every profile's models (runs only where Keras sees a GPU)
+- ``time_to_accuracy``: training minutes per model to 55 / 60 / 65% PublicTest, new recipes
+  vs old (hours of training on the real data: runs only with ``FERLIB_OLD_RECIPES_REF`` set;
+  or run ``benchmarks/bench_time_to_accuracy.py --old-ref REF`` on its own)
 
 A benchmark whose condition is not met (see :data:`SKIP_UNLESS`) is recorded as skipped, with
 the reason, and does not fail the run. Every figure is measured in this one run on this
@@ -49,6 +52,7 @@ import bench_matmul
 import bench_pipeline
 import bench_smoke_report
 import bench_speed
+import bench_time_to_accuracy
 import bench_train
 import common
 
@@ -56,7 +60,8 @@ import common
 # is missing). Each module has NAME, run(quick=..., context=...) and print_section(section).
 BENCHMARKS = {module.NAME: module for module in (
     bench_data, bench_matmul, bench_train, bench_speed, bench_backends, bench_frameworks,
-    bench_pipeline, bench_inference, bench_export, bench_smoke_report, bench_gpu)}
+    bench_pipeline, bench_inference, bench_export, bench_smoke_report, bench_gpu,
+    bench_time_to_accuracy)}
 # Benchmarks whose figures another one needs: it runs first even when not asked for.
 NEEDS = {"train": ["matmul_peak"]}
 
@@ -92,7 +97,8 @@ def _needs_gpu() -> str | None:
 
 # A benchmark runs only when its condition holds: a function returning why not, or None.
 SKIP_UNLESS = {"speed": _needs_tensorflow, "frameworks": _needs_tensorflow,
-               "pipeline": _needs_tensorflow_backend, "gpu": _needs_gpu}
+               "pipeline": _needs_tensorflow_backend, "gpu": _needs_gpu,
+               "time_to_accuracy": bench_time_to_accuracy.skip_reason}
 OUTPUT = common.BENCHMARKS_DIR / "results.json"
 QUICK_OUTPUT = common.BENCHMARKS_DIR / "results-quick.json"
 

@@ -256,3 +256,40 @@ def test_fit_images_per_second_times_arrays_and_datasets():
     assert bench_train.fit_images_per_second(model, dataset, None, 16) > 0
     with pytest.raises(ValueError, match="at least 2 batches"):
         bench_train.fit_images_per_second(model, images[:16], targets[:16], 16)
+
+
+@pytest.mark.train
+def test_time_to_accuracy_trains_old_and_new_recipes_and_sums_epoch_minutes(tmp_path,
+                                                                            monkeypatch, capsys):
+    """Both recipes of the smoke profile (the old one from git HEAD) train on a generated
+    folder; the minutes to a threshold are the epoch seconds summed up to the first epoch at
+    or above it, and an unreachable threshold says so."""
+    import json
+
+    import pandas as pd
+
+    import bench_time_to_accuracy as bench
+    from conftest import make_fer_folder
+
+    monkeypatch.setenv("FER2013_PATH", str(make_fer_folder(tmp_path / "fer")))
+    monkeypatch.setenv("FERLIB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tta.json"
+    section = bench.run(old_ref="HEAD", profile="smoke", models=["alexnet"],
+                        thresholds=(0.0, 1.01), cap_minutes=5, out=out, root=tmp_path / "runs")
+    assert json.loads(out.read_text()) == section
+    for label in ("old", "new"):
+        row = section["models"]["alexnet"][label]
+        timing = pd.read_csv(tmp_path / "runs" / label / "models" / "alexnet" / "timing.csv")
+        assert row["minutes_to"]["0.00"] == round(timing.seconds.iloc[0] / 60, 1)
+        assert row["minutes_to"]["1.01"] is None and row["epochs"] == len(timing)
+    assert not list((tmp_path / "runs").rglob("privatetest_scorings.json"))
+    # A reachable highest threshold stops the training there, and a rerun trains nothing more.
+    for _ in range(2):
+        reached = bench.run(old_ref="HEAD", profile="smoke", models=["alexnet"],
+                            thresholds=(0.0,), out=out, root=tmp_path / "stops")
+        assert reached["models"]["alexnet"]["new"]["epochs"] == 1
+        assert reached["models"]["alexnet"]["new"]["stopped"] == "reached 0%"
+    bench.print_section(section)
+    assert "training minutes to PublicTest accuracy" in capsys.readouterr().out
+    monkeypatch.delenv(bench.OLD_REF_VARIABLE, raising=False)
+    assert "FERLIB_OLD_RECIPES_REF" in bench.skip_reason()
