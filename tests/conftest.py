@@ -15,6 +15,19 @@ TEMPERATURE = 2.0
 """The temperature in the calibration.json of ``trained_model``."""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def training_code_of_the_real_functions():
+    """Fingerprint the training code once, before any test replaces a training function.
+
+    ``ferlib.train.training_code`` is computed once per process and is part of every training's
+    key. Were it first computed while a test had monkeypatched ``train`` (to make it fail), every
+    later training in this pytest process would carry that fingerprint, and a child process
+    resuming one of them would find it stale and start over."""
+    from ferlib.train import training_code
+
+    training_code()
+
+
 def make_fer_folder(root: Path, per_split=None, seed: int = 0) -> Path:
     """A small FER-style image folder (``train/<emotion>/``, ``test/<emotion>/``) with the
     official split in the file names and a class-specific bright band a tiny model learns."""

@@ -45,6 +45,10 @@ def test_every_variant_and_seed_runs_once_paired_with_the_baseline(tmp_path, cap
             raise RuntimeError("killed")
         return real_train(*args, **kwargs)
 
+    # The training code's fingerprint is computed once per process: from the real ``train``
+    # first (conftest does it too), or every later training in this pytest process (and its
+    # resume by a child process) would carry the fingerprint of ``dies_once``.
+    train_module.training_code()
     monkeypatch.setattr(train_module, "train", dies_once)
     with pytest.raises(RuntimeError, match="killed"):
         ablation.run_ablation(params, "alexnet", run_dir=tmp_path / "run", data=data)
