@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from ferlib.config import record_path
-from ferlib.search import (default_storage, drop_weights, journal_storage, open_storage,
-                           save_record, search_data, search_dir, shown_path, trial_params)
+from ferlib.search import (default_storage, journal_storage, open_storage, save_record,
+                           search_data, search_dir, shown_path, train_trial, trial_params)
 
 BASELINE = "baseline"
 
@@ -106,7 +106,6 @@ def run_ablation(params: dict, model_name: str, *, storage: str | None = None,
     import optuna
 
     from ferlib.runs import run_dir as default_run_dir
-    from ferlib.train import train
 
     if model_name not in params["ablation"]["models"]:
         raise ValueError(f"ablation.models: {model_name} is not among the models to A/B "
@@ -138,22 +137,9 @@ def run_ablation(params: dict, model_name: str, *, storage: str | None = None,
         seed = trial.suggest_categorical("seed", list(range(params["ablation"]["seeds"])))
         settings = trial_params(params, model_name, table[name])
         settings["seed"] = params["seed"] + seed
-        run = runs_dir / f"{name}-seed{seed}-trial{trial.number:04d}"
-        trial.set_user_attr("directory", str(run.relative_to(directory)))
-        began = time.time()
-
-        def report(row):
-            trial.report(row["val_accuracy"], row["epoch"])
-            trial.set_user_attr("epochs", row["epoch"])
-            trial.set_user_attr("train_accuracy", row["accuracy"])
-            trial.set_user_attr("seconds", time.time() - began)
-
-        try:
-            result = train(model_name, data, settings, run, progress=progress, on_epoch=report)
-        finally:
-            drop_weights(run)
-        trial.set_user_attr("best_epoch", result["best_epoch"])
-        return result["val"]["accuracy"]
+        return train_trial(trial, model_name, data, settings,
+                           runs_dir / f"{name}-seed{seed}-trial{trial.number:04d}", directory,
+                           progress=progress)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     waiting = (optuna.trial.TrialState.WAITING,)

@@ -220,6 +220,38 @@ def drop_weights(directory: Path) -> None:
             file.unlink(missing_ok=True)
 
 
+def train_trial(trial, model_name: str, data, settings: dict, trial_dir: Path, run_dir: Path,
+                *, progress: bool = True, prune_before: int | None = None) -> float:
+    """Train one trial's settings into ``trial_dir`` (its model files dropped after), reporting
+    PublicTest accuracy to Optuna after every epoch; the trial's value is the best epoch's.
+    With ``prune_before``, the pruner may stop the trial after any earlier epoch."""
+    import optuna
+
+    from ferlib.train import train
+
+    trial.set_user_attr("directory", str(trial_dir.relative_to(run_dir)))
+    began = time.time()
+
+    def report(row):
+        trial.report(row["val_accuracy"], row["epoch"])
+        trial.set_user_attr("epochs", row["epoch"])
+        trial.set_user_attr("train_accuracy", row["accuracy"])
+        trial.set_user_attr("seconds", time.time() - began)
+        # A trial that reached the last epoch is complete: pruning it then saves nothing and
+        # would drop its score from the search.
+        if prune_before is not None and row["epoch"] < prune_before and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {row['epoch']} "
+                                     f"(PublicTest {row['val_accuracy']:.3f})")
+
+    try:
+        result = train(model_name, data, settings, trial_dir, progress=progress,
+                       on_epoch=report)
+    finally:
+        drop_weights(trial_dir)
+    trial.set_user_attr("best_epoch", result["best_epoch"])
+    return result["val"]["accuracy"]
+
+
 def search_data(params: dict, progress: bool = True):
     """Training (or its stratified ``search.train_images`` subset) and PublicTest; PrivateTest
     is not read."""
@@ -262,7 +294,6 @@ def run_search(params: dict, model_name: str, *, trials: int | None = None,
     import optuna
 
     from ferlib.runs import run_dir as default_run_dir
-    from ferlib.train import train
 
     if model_name not in MODEL_NAMES:
         raise ValueError(f"model: unknown model {model_name!r}; allowed values: "
@@ -305,28 +336,9 @@ def run_search(params: dict, model_name: str, *, trials: int | None = None,
                   for path, spec in space.items()}
         settings = trial_params(params, model_name, values)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        trial_dir = trials_dir / f"trial-{trial.number:04d}"
-        trial.set_user_attr("directory", str(trial_dir.relative_to(directory)))
-        began = time.time()
-
-        def report(row):
-            trial.report(row["val_accuracy"], row["epoch"])
-            trial.set_user_attr("epochs", row["epoch"])
-            trial.set_user_attr("train_accuracy", row["accuracy"])
-            trial.set_user_attr("seconds", time.time() - began)
-            # A trial that reached the last epoch is complete: pruning it then saves nothing
-            # and would drop its score from the search.
-            if row["epoch"] < params["search"]["epochs"] and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {row['epoch']} "
-                                         f"(PublicTest {row['val_accuracy']:.3f})")
-
-        try:
-            result = train(model_name, data, settings, trial_dir, progress=progress,
-                           on_epoch=report)
-        finally:
-            drop_weights(trial_dir)
-        trial.set_user_attr("best_epoch", result["best_epoch"])
-        return result["val"]["accuracy"]
+        return train_trial(trial, model_name, data, settings,
+                           trials_dir / f"trial-{trial.number:04d}", directory,
+                           progress=progress, prune_before=params["search"]["epochs"])
 
     def log_trial(study, trial):
         if record is not None:
