@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
@@ -70,6 +71,11 @@ def test_notebook_is_stored_clean_with_one_parameters_cell(path):
               if "parameters" in cell.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged 'parameters'"
     assert tagged[0].cell_type == "code"
+    # papermill (and `papermill --help-notebook`) must see every parameter: it skips, with only
+    # a log warning, any line holding two equals signs, e.g. one in a comment.
+    names = {line.split("=")[0].strip() for line in tagged[0].source.splitlines()
+             if "=" in line and not line.lstrip().startswith("#")}
+    assert set(papermill.inspect_notebook(str(path))) == names
 
 
 @pytest.mark.parametrize("path", MODULES, ids=[p.name for p in MODULES])
