@@ -220,10 +220,10 @@ def test_smoke_pipeline_under_jax(tmp_path):
     check(done)
     reports = tmp_path / "reports" / "smoke"
     for page in ("index", "01_eda", "02_preprocess", "03_train_alexnet",
-                 "03_train_resnet50v2", "03_train_vit", "04_compare"):
+                 "03_train_resnet50v2", "03_train_vit", "03_train_vit_conv", "04_compare"):
         assert (reports / f"{page}.html").exists(), page
     run = tmp_path / "runs" / "smoke"
-    for name in ("alexnet", "resnet50v2", "vit"):
+    for name in ("alexnet", "resnet50v2", "vit", "vit_conv"):
         metrics = json.loads((run / "models" / name / "metrics.json").read_text())
         assert "on jax" in metrics["machine"] and "accuracy" in metrics["test"]
     assert "jax" in (reports / "index.html").read_text().lower()

@@ -228,8 +228,8 @@ def test_provenance_dict_and_header():
     params = load_params("smoke", {"train_overrides": {"vit": {"batch_size": 16}}})
     with_training = runs.provenance(params, Path("fer2013.zip"), sha, fake_environment(None))
     assert with_training["training"] == ("distribution none; global batch alexnet 32, "
-                                         "resnet50v2 32, vit 16; learning rate not scaled with "
-                                         "the device count")
+                                         "resnet50v2 32, vit 16, vit_conv 32; learning rate "
+                                         "not scaled with the device count")
     assert "<b>training</b> distribution none; global batch" in pipeline.provenance_header(
         with_training)
     outside_git = runs.provenance({"profile": "smoke"}, Path("fer2013.zip"), sha,
@@ -320,7 +320,7 @@ def test_smoke_pipeline_writes_every_report(smoke_run):
     origin = json.loads((work / "runs" / "smoke" / "manifest.json").read_text())["provenance"]
     commit = origin["git_commit"][:7] if origin["git_commit"] else "unknown"
     expected = ["index", "01_eda", "02_preprocess", "03_train_alexnet", "03_train_resnet50v2",
-                "03_train_vit", "04_compare", "05_cross"]
+                "03_train_vit", "03_train_vit_conv", "04_compare", "05_cross"]
     for name in expected:
         page = (reports / f"{name}.html").read_text()
         assert len(page) > 1000, name
@@ -348,7 +348,7 @@ def test_smoke_pipeline_writes_every_report(smoke_run):
     assert (work / "runs" / "smoke" / "figures" / "compute_curves.png").exists()
     cross = (reports / "05_cross.html").read_text()
     assert "generated" in cross and "ensemble" in cross and "95% CI" in cross
-    assert len(re.findall(r"\[0\.\d{3}, [01]\.\d{3}\]", cross)) >= 4 * 3  # 4 rows x 3 CIs
+    assert len(re.findall(r"\[0\.\d{3}, [01]\.\d{3}\]", cross)) >= 5 * 3  # 5 rows x 3 CIs
 
 
 @pytest.mark.slow
@@ -361,9 +361,9 @@ def test_smoke_pipeline_artifacts(smoke_run):
     assert manifest["provenance"]["profile"] == "smoke"
     assert set(manifest["step_seconds"]) == {"01_eda", "02_preprocess", "03_train_alexnet",
                                              "03_train_resnet50v2", "03_train_vit",
-                                             "04_compare", "05_cross"}
+                                             "03_train_vit_conv", "04_compare", "05_cross"}
     assert (run / "params.yaml").exists() and (run / "split.csv").exists()
-    for model in ("alexnet", "resnet50v2", "vit"):
+    for model in ("alexnet", "resnet50v2", "vit", "vit_conv"):
         directory = run / "models" / model
         for artifact in ("best.keras", "history.csv", "timing.csv", "predictions.npz",
                          "metrics.json", "settings.json"):
@@ -385,7 +385,7 @@ def test_rerun_skips_finished_steps(smoke_run, fixture_dataset, capsys, monkeypa
                            overrides=[f"cross_datasets.generated={cross}"])
     assert code == 0
     output = capsys.readouterr().out
-    assert output.count("up to date, skipped") == 7, output
+    assert output.count("up to date, skipped") == 8, output
     assert HEADER_FIRST.search((work / "reports" / "smoke" / "index.html").read_text())
 
 
