@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ferlib import MODEL_NAMES, PROJECT_ROOT, artifacts
 from ferlib.artifacts import Run
-from ferlib import MODEL_NAMES, PROJECT_ROOT
 from ferlib.config import load_params, parse_overrides, record_path
 from ferlib.data import file_sha256, resolve_data_path
 from ferlib.runs import (atomic_write_bytes, atomic_write_text, code_hash, environment,
@@ -137,7 +137,6 @@ def step_artifacts(params: dict, step: str, extra: dict) -> dict[str, list[str]]
     recipe searches. ``writes`` say where a step's own files go (a trailing ``/``: a folder). With ``cv_folds`` set, a model's result is its
     cross-validation summary.
     """
-    from ferlib import artifacts
 
     run = Run(Path("."))
 
@@ -614,6 +613,7 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
         "steps": [s for s, _, _ in steps], "step_seconds": timings,
         "wall_seconds": time.time() - started, "environment": env, "provenance": origin,
         "preprocess": read_json(files.data_summary)})
+    export_model_cards(run, reports, params["models"])
     write_index(params, run, reports, steps, origin)
     export_figures(run, reports)
     say(f"done in {(time.time() - started) / 60:.1f} min: open {reports / 'index.html'}")
@@ -636,6 +636,30 @@ def export_figures(run: Path, reports: Path) -> list[Path]:
             atomic_write_bytes(target, source.read_bytes())
             written.append(target)
     return written
+
+
+MODEL_CARDS_DIR = "model_cards"
+
+
+def export_model_cards(run: Path, reports: Path, models) -> list[Path]:
+    """Copy each trained model's ``MODEL_CARD.md`` to ``reports/model_cards/<model>.md``, so the
+    committed report folder carries the cards beside the pages (a card holds no pixels)."""
+    written = []
+    for model in models:
+        for name, card in model_cards(run, model):
+            target = Path(reports) / MODEL_CARDS_DIR / f"{name}.md"
+            atomic_write_text(target, card.read_text())
+            written.append(target)
+    return written
+
+
+def model_cards(run: Path, model: str) -> list[tuple[str, Path]]:
+    """(name, card) of a model's folder, or of each of its folds under cross-validation."""
+    directory = Run(run).model(model)
+    if directory.model_card.exists():
+        return [(model, directory.model_card)]
+    folds = sorted(directory.directory.glob("fold*/" + artifacts.MODEL_CARD))
+    return [(f"{model}_{card.parent.name}", card) for card in folds]
 
 
 def protocol_sentence(run: Path, models) -> str:
@@ -681,6 +705,10 @@ def write_index(params: dict, run: Path, reports: Path, steps, provenance: dict)
                                                   na_rep="")
     links = "\n".join(f'<li><a href="{html.escape(step)}.html">{html.escape(step)}</a></li>'
                       for step, _, _ in steps)
+    cards = sorted((reports / MODEL_CARDS_DIR).glob("*.md"))
+    card_links = ("<h2>Model cards</h2><ul>\n" + "\n".join(
+        f'<li><a href="{MODEL_CARDS_DIR}/{html.escape(card.name)}">{html.escape(card.stem)}</a>'
+        f'</li>' for card in cards) + "\n</ul>") if cards else ""
     description = html.escape(params.get("description") or "")
     profile = html.escape(str(params["profile"]))
     shown_run = scrub_text(str(run), machine_paths(run=run), drop_warnings=False)
@@ -698,6 +726,7 @@ border-bottom:1px solid #ddd;text-align:right}}</style></head><body>
 <h2>Reports</h2><ul>
 {links}
 </ul>
+{card_links}
 <p>Run directory: <code>{html.escape(shown_run)}</code> (params.yaml, manifest.json, models/).</p>
 </body></html>
 """

@@ -9,11 +9,13 @@ import shutil
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 
 from ferlib import pipeline, runs
 from ferlib import PROJECT_ROOT
 from ferlib.config import load_params, parse_overrides
+from ferlib.paper import MODEL_DISPLAY_NAMES
 
 from conftest import make_fer_folder
 
@@ -348,6 +350,17 @@ def test_smoke_pipeline_writes_every_report(smoke_run):
     assert (work / "runs" / "smoke" / "figures" / "compute_curves.png").exists()
     cross = (reports / "05_cross.html").read_text()
     assert "generated" in cross and "ensemble" in cross and "95% CI" in cross
+    # The committed report folder carries every model's card, linked from the index, and the
+    # cards' PrivateTest numbers are the compare report's.
+    summary = pd.read_csv(work / "runs" / "smoke" / "compare" / "summary_full.csv")
+    accuracy = dict(zip(summary.model, summary.accuracy))
+    for model in ("alexnet", "resnet50v2", "vit", "vit_conv"):
+        card = (reports / "model_cards" / f"{model}.md").read_text()
+        assert card == (work / "runs" / "smoke" / "models" / model / "MODEL_CARD.md").read_text()
+        assert f'href="model_cards/{model}.md"' in index
+        shown = re.search(r"^\| accuracy \| (\d\.\d{3}) \[", card, re.MULTILINE).group(1)
+        assert shown == f"{accuracy[MODEL_DISPLAY_NAMES[model]]:.3f}", model
+        assert "generated" in card  # the cross-dataset section, written by 05_cross
     assert len(re.findall(r"\[0\.\d{3}, [01]\.\d{3}\]", cross)) >= 5 * 3  # 5 rows x 3 CIs
 
 
