@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.jax]
 
 TESTS = Path(__file__).resolve().parent
 DEVICES = 2
-LOSS_TOLERANCE = 1e-4  # relative: the same arithmetic, reduced in another order
+TRAINED_LOSS_TOLERANCE = 1e-2  # relative, after 7 Adam steps (see the data-parallel test)
 
 
 def run_jax(args, *, devices: int = 1, timeout: int = 900, env=None, retries: int = 3):
@@ -81,16 +81,20 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent(f"""
     data = synthetic_data(per_split=(32, 8, 8))   # 224 training images: 7 batches of 32
     result = {{}}
     for mode in ("none", "data_parallel"):
-        # no dropout, no augmentation: both runs then do the same arithmetic
-        params = make_params({{"epochs": 2, "warmup_epochs": 1, "deterministic": True,
-                              "distribution": mode}}, augment={{"flip": False}})
-        params["model_params"]["alexnet"]["dropout_rate"] = 0.0
-        metrics = train("alexnet", data, params, f"{{run_root}}/{{mode}}", progress=False)
-        history = pd.read_csv(f"{{run_root}}/{{mode}}/models/alexnet/history.csv")
-        result[mode] = {{"distribution": metrics["distribution"],
-                        "loss": history["loss"].tolist(),
-                        "learning_rate": history["learning_rate"].tolist(),
-                        "val_loss": history["val_loss"].tolist()}}
+        for name, settings in (("trained", {{"epochs": 2, "warmup_epochs": 1}}),
+                               ("frozen", {{"epochs": 1, "warmup_epochs": 0,
+                                           "learning_rate": 1e-12}})):
+            # no dropout, no augmentation: both runs then do the same arithmetic
+            params = make_params({{**settings, "deterministic": True, "distribution": mode}},
+                                 augment={{"flip": False}})
+            params["model_params"]["alexnet"]["dropout_rate"] = 0.0
+            out = f"{{run_root}}/{{mode}}-{{name}}"
+            metrics = train("alexnet", data, params, out, progress=False)
+            history = pd.read_csv(f"{{out}}/models/alexnet/history.csv")
+            result[f"{{mode}}-{{name}}"] = {{"distribution": metrics["distribution"],
+                                          "loss": history["loss"].tolist(),
+                                          "learning_rate": history["learning_rate"].tolist(),
+                                          "val_loss": history["val_loss"].tolist()}}
     print("RESULT" + json.dumps(result))
 """)
 
@@ -100,13 +104,22 @@ def test_data_parallel_first_epoch_matches_one_device(tmp_path):
     script.write_text(DATA_PARALLEL_SCRIPT)
     out = check(run_jax([str(script), str(tmp_path)], devices=DEVICES, timeout=600))
     result = json.loads(out.split("RESULT", 1)[1])
-    one, parallel = result["none"], result["data_parallel"]
+    one, parallel = result["none-trained"], result["data_parallel-trained"]
     assert one["distribution"]["mode"] == "none"
     assert parallel["distribution"] == {"mode": "data_parallel", "devices": DEVICES,
                                         "global_batch_size": 32, "per_device_batch_size": 16,
                                         "learning_rate": 3e-3}
-    np.testing.assert_allclose(parallel["loss"][0], one["loss"][0], rtol=LOSS_TOLERANCE)
-    np.testing.assert_allclose(parallel["val_loss"][0], one["val_loss"][0], rtol=LOSS_TOLERANCE)
+    # With the weights frozen (learning rate 1e-12), the two runs compute the same losses:
+    # the same batches, batch norm over the global batch, only the reduction order differs.
+    frozen_one, frozen_parallel = result["none-frozen"], result["data_parallel-frozen"]
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(frozen_parallel[key], frozen_one[key], rtol=1e-6)
+    # Training, those last-bit differences grow: Adam divides each gradient by its running
+    # scale, so a weight whose gradient is ~0 moves by up to the learning rate either way
+    # (measured relative gaps after 7 steps: 4e-4 under jax 0.10.2, 2e-3 under 0.10.1).
+    np.testing.assert_allclose(parallel["loss"][0], one["loss"][0], rtol=TRAINED_LOSS_TOLERANCE)
+    np.testing.assert_allclose(parallel["val_loss"][0], one["val_loss"][0],
+                               rtol=TRAINED_LOSS_TOLERANCE)
     # The per-step schedule reaches JAX's training state: warm-up ends at the base rate at the
     # end of epoch 1, and the cosine has decayed by the end of epoch 2.
     for run in (one, parallel):
