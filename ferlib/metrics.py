@@ -272,7 +272,9 @@ def bootstrap_ci(y_true, proba, n_boot=1000, seed=0, confidence=0.95,
     Returns
     -------
     pandas.DataFrame
-        Columns metric, value (on the full set), low, high.
+        Columns metric, value (on the full set), low, high. An accuracy of exactly 0 or 1
+        (ungrouped) gets the exact Clopper-Pearson interval instead of the bootstrap's point
+        interval, e.g. [0.884, 1] for 30 of 30.
     """
     y_true, proba = _check_inputs(y_true, proba)
     num_samples, num_classes = proba.shape
@@ -308,6 +310,11 @@ def bootstrap_ci(y_true, proba, n_boot=1000, seed=0, confidence=0.95,
         low, high = (np.nanpercentile(values, [tail, 100 - tail])
                      if np.isfinite(values).any() else (np.nan, np.nan))
         value = point[name]
+        if name == "accuracy" and groups is None and low == high and value in (0.0, 1.0):
+            # Every resample of an all-right (or all-wrong) test set scores the same, so the
+            # percentile interval is the point [1, 1]; the exact binomial interval is not.
+            hits = int(round(value * num_samples))
+            low, high = stats.binomtest(hits, num_samples).proportion_ci(confidence, "exact")
         rows.append({"metric": name, "value": np.nan if value is None else value,
                      "low": float(low), "high": float(high)})
     return pd.DataFrame(rows)

@@ -139,6 +139,21 @@ def test_bootstrap_ci_contains_estimate_and_is_reproducible():
         bootstrap_ci(y_true, proba, n_boot=10, metric_names=("kappa",))
 
 
+def test_bootstrap_ci_of_a_perfect_or_hopeless_score_is_the_exact_binomial_interval():
+    """Every resample of 30 right answers scores 1, so the percentile interval would be [1, 1];
+    the exact (Clopper-Pearson) one is [0.8843, 1]: 0.025 ** (1 / 30) = 0.8843."""
+    y_true = np.arange(30) % 7
+    right, wrong = np.eye(7)[y_true], np.eye(7)[(y_true + 1) % 7]
+    perfect = bootstrap_ci(y_true, right, n_boot=100).set_index("metric").loc["accuracy"]
+    assert perfect["value"] == 1.0 and perfect["high"] == 1.0
+    assert perfect["low"] == pytest.approx(0.025 ** (1 / 30), abs=1e-9)
+    hopeless = bootstrap_ci(y_true, wrong, n_boot=100).set_index("metric").loc["accuracy"]
+    assert hopeless["low"] == 0.0 and hopeless["high"] == pytest.approx(1 - 0.025 ** (1 / 30))
+    # Grouped resampling keeps the bootstrap's own interval.
+    grouped = bootstrap_ci(y_true, right, n_boot=100, groups=np.arange(30) // 3)
+    assert grouped.set_index("metric").loc["accuracy", "low"] == 1.0
+
+
 def mcnemar_case(b, c, both_right=20, both_wrong=5):
     """Labels and predictions with exactly b (A right, B wrong) and c (A wrong, B right)."""
     y_true = np.zeros(b + c + both_right + both_wrong, dtype=int)
