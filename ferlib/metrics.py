@@ -310,7 +310,7 @@ def bootstrap_ci(y_true, proba, n_boot=1000, seed=0, confidence=0.95,
         low, high = (np.nanpercentile(values, [tail, 100 - tail])
                      if np.isfinite(values).any() else (np.nan, np.nan))
         value = point[name]
-        if name == "accuracy" and groups is None and low == high and value in (0.0, 1.0):
+        if name == "accuracy" and groups is None and value in (0.0, 1.0):
             # Every resample of an all-right (or all-wrong) test set scores the same, so the
             # percentile interval is the point [1, 1]; the exact binomial interval is not.
             hits = int(round(value * num_samples))

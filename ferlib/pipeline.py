@@ -137,7 +137,6 @@ def step_artifacts(params: dict, step: str, extra: dict) -> dict[str, list[str]]
     recipe searches. ``writes`` say where a step's own files go (a trailing ``/``: a folder). With ``cv_folds`` set, a model's result is its
     cross-validation summary.
     """
-
     run = Run(Path("."))
 
     def results(models):
@@ -613,8 +612,8 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
         "steps": [s for s, _, _ in steps], "step_seconds": timings,
         "wall_seconds": time.time() - started, "environment": env, "provenance": origin,
         "preprocess": read_json(files.data_summary)})
-    export_model_cards(run, reports, params["models"])
-    write_index(params, run, reports, steps, origin)
+    cards = export_model_cards(run, reports, params["models"])
+    write_index(params, run, reports, steps, origin, cards)
     export_figures(run, reports)
     say(f"done in {(time.time() - started) / 60:.1f} min: open {reports / 'index.html'}")
     return 0
@@ -680,7 +679,8 @@ def protocol_sentence(run: Path, models) -> str:
             f"replaced runs included: {listed}.")
 
 
-def write_index(params: dict, run: Path, reports: Path, steps, provenance: dict) -> None:
+def write_index(params: dict, run: Path, reports: Path, steps, provenance: dict,
+                cards=()) -> None:
     """``index.html``: the headline table (from the compare step) and links to every report.
 
     Parameters
@@ -695,6 +695,8 @@ def write_index(params: dict, run: Path, reports: Path, steps, provenance: dict)
         ``plan(params)``: the pages to link.
     provenance : dict
         ``ferlib.runs.provenance(...)``, shown in a header at the top of the page.
+    cards : sequence of Path
+        The model cards :func:`export_model_cards` wrote into ``reports``, linked from the page.
     """
     import pandas as pd
 
@@ -705,7 +707,6 @@ def write_index(params: dict, run: Path, reports: Path, steps, provenance: dict)
                                                   na_rep="")
     links = "\n".join(f'<li><a href="{html.escape(step)}.html">{html.escape(step)}</a></li>'
                       for step, _, _ in steps)
-    cards = sorted((reports / MODEL_CARDS_DIR).glob("*.md"))
     card_links = ("<h2>Model cards</h2><ul>\n" + "\n".join(
         f'<li><a href="{MODEL_CARDS_DIR}/{html.escape(card.name)}">{html.escape(card.stem)}</a>'
         f'</li>' for card in cards) + "\n</ul>") if cards else ""
