@@ -122,15 +122,16 @@ def _search(args) -> int:
     from ferlib.search import best_recipe_yaml, open_study, run_search
 
     params = load_params(args.profile, parse_overrides(args.set))
-    if args.best:
+    if args.best or args.trial is not None:
+        import optuna
+
         study = open_study(params, args.model, args.storage, run_dir=args.run_dir)
-        try:
-            print(best_recipe_yaml(study, args.model,
-                                   f" ({args.storage})" if args.storage else ""), end="")
-        except ValueError:
+        if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             raise ValueError(f"search {study.study_name}: no complete trial yet; run "
                              f"python -m ferlib search --profile {args.profile} "
-                             f"--model {args.model}") from None
+                             f"--model {args.model}")
+        print(best_recipe_yaml(study, args.model, f" ({args.storage})" if args.storage else "",
+                               trial=args.trial), end="")
         return 0
     run_search(params, args.model, trials=args.trials, storage=args.storage,
                timeout_hours=args.timeout, run_dir=args.run_dir)
@@ -624,6 +625,8 @@ def main(argv=None) -> int:
                         help="start no new trial after this many hours")
     search.add_argument("--best", action="store_true", help="print the best recipe as a YAML "
                         "block for params/<profile>.yaml, and train nothing")
+    search.add_argument("--trial", type=int, metavar="N", help="like --best, for trial N (to "
+                        "adopt another complete trial than the best, and say why)")
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument("--run-dir", help="default: runs/<profile>")
     search.set_defaults(handler=_search)

@@ -432,26 +432,44 @@ def budget_summary(study) -> dict:
             "hours": float(counted.minutes.fillna(0).sum() / 60) if len(counted) else 0.0}
 
 
-def best_recipe(study, model_name: str) -> dict:
-    """The best complete trial's values as the profile mapping that sets them for
-    ``model_name`` (``train_overrides`` / ``augment_overrides`` / ``model_params``)."""
-    best = study.best_trial
-    return search_overrides(dict(best.params), model_name)
+def chosen_trial(study, number: int | None = None):
+    """Trial ``number`` of the study (it must be complete), or the best one when ``None``."""
+    import optuna
+
+    if number is None:
+        return study.best_trial
+    complete = {trial.number: trial for trial in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    if number not in complete:
+        raise ValueError(f"search {study.study_name}: trial {number} is not a complete trial; "
+                         f"complete trials: {', '.join(map(str, sorted(complete))) or 'none'}")
+    return complete[number]
 
 
-def best_recipe_yaml(study, model_name: str, storage_text: str = "") -> str:
-    """The best recipe as a YAML block to paste into ``params/<profile>.yaml``, with a comment
-    naming the study and trial it came from."""
+def best_recipe(study, model_name: str, trial: int | None = None) -> dict:
+    """The best complete trial's values (or trial ``trial``'s) as the profile mapping that
+    sets them for ``model_name`` (``train_overrides`` / ``augment_overrides`` /
+    ``model_params``)."""
+    return search_overrides(dict(chosen_trial(study, trial).params), model_name)
+
+
+def best_recipe_yaml(study, model_name: str, storage_text: str = "",
+                     trial: int | None = None) -> str:
+    """The best recipe (or trial ``trial``'s) as a YAML block to paste into
+    ``params/<profile>.yaml``, with a comment naming the study and trial it came from."""
     import yaml
 
+    chosen = chosen_trial(study, trial)
     best = study.best_trial
+    rank = ("" if chosen.number == best.number
+            else f" (the best is trial {best.number}, {best.value:.4f})")
     budget = study.user_attrs.get("budget", {})
-    header = (f"# from the Optuna study {study.study_name}{storage_text}, trial {best.number}: "
-              f"PublicTest accuracy {best.value:.4f} after {best.user_attrs.get('epochs')} "
-              f"epochs\n# (search protocol: at most {budget.get('epochs')} epochs, "
+    header = (f"# from the Optuna study {study.study_name}{storage_text}, trial {chosen.number}: "
+              f"PublicTest accuracy {chosen.value:.4f} after {chosen.user_attrs.get('epochs')} "
+              f"epochs{rank}\n# (search protocol: at most {budget.get('epochs')} epochs, "
               f"{budget.get('train_images') or 'all'} Training images, fixed "
               f"{study.user_attrs.get('fixed') or {}}); merge into the profile by hand.\n")
-    body = yaml.safe_dump(best_recipe(study, model_name), sort_keys=True,
+    body = yaml.safe_dump(best_recipe(study, model_name, chosen.number), sort_keys=True,
                           default_flow_style=None)
     return header + body
 

@@ -168,6 +168,38 @@ def test_search_runs_prunes_the_worse_recipe_and_prints_the_best(tmp_path, capsy
     assert len(study.get_trials()) == 2
 
 
+def test_any_complete_trial_can_be_adopted_and_says_which_is_best(tmp_path, capsys):
+    """``--trial N`` prints trial N's recipe, naming the best one beside it; a pruned trial
+    is refused, naming the complete ones."""
+    import optuna
+
+    from ferlib.__main__ import main
+    from ferlib.search import best_recipe_yaml, open_study
+
+    profile = search_profile(tmp_path, {
+        "space": {"all": {"train.learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}}})
+    study = open_study(load_params(str(profile)), "alexnet", run_dir=tmp_path / "run")
+    rate = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    for value, state, lr in [(0.50, "COMPLETE", 1e-3), (0.48, "COMPLETE", 2e-4),
+                             (None, "PRUNED", 5e-3)]:
+        study.add_trial(optuna.trial.create_trial(
+            params={"train.learning_rate": lr}, distributions={"train.learning_rate": rate},
+            value=value, state=getattr(optuna.trial.TrialState, state),
+            user_attrs={"epochs": 3}, intermediate_values={1: 0.3}))
+    block = best_recipe_yaml(study, "alexnet", trial=1)
+    assert "trial 1: PublicTest accuracy 0.4800 after 3 epochs (the best is trial 0, 0.5000)" \
+        in block
+    assert yaml.safe_load(block) == {"train_overrides": {"alexnet": {"learning_rate": 2e-4}}}
+    assert "(the best is" not in best_recipe_yaml(study, "alexnet")
+    code = main(["search", "--profile", str(profile), "--model", "alexnet", "--trial", "2",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "trial 2 is not a complete trial; complete trials: 0, 1" in capsys.readouterr().err
+    assert main(["search", "--profile", str(profile), "--model", "alexnet", "--trial", "1",
+                 "--run-dir", str(tmp_path / "run")]) == 0
+    assert "learning_rate: 0.0002" in capsys.readouterr().out
+
+
 def _search_command(profile: Path, run_dir: Path, *extra):
     return [sys.executable, "-m", "ferlib", "search", "--profile", str(profile), "--model",
             "alexnet", "--run-dir", str(run_dir), *extra]
