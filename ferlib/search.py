@@ -469,7 +469,7 @@ def best_recipe_yaml(study, model_name: str, storage_text: str = "",
               f"epochs{rank}\n# (search protocol: at most {budget.get('epochs')} epochs, "
               f"{budget.get('train_images') or 'all'} Training images, fixed "
               f"{study.user_attrs.get('fixed') or {}}); merge into the profile by hand.\n")
-    body = yaml.safe_dump(best_recipe(study, model_name, chosen.number), sort_keys=True,
+    body = yaml.safe_dump(search_overrides(dict(chosen.params), model_name), sort_keys=True,
                           default_flow_style=None)
     return header + body
 
