@@ -638,6 +638,31 @@ def saliency_source(result: ModelResult):
     return load_model(source.model_file), labels, proba, note
 
 
+SANITY_COLUMNS = ("spearman", "constant_maps", "images", "method", "passes")
+
+
+def saliency_checks(models: dict[str, ModelResult], images) -> pd.DataFrame:
+    """The model-randomisation sanity check (:func:`ferlib.explain.randomization_check`) of
+    each model's saliency on the same ``images``, one row per model.
+
+    Each check is also written to ``saliency_check.json`` in the folder of the network it ran
+    on (fold 1's under cross-validation, as :func:`saliency_source`), where the model card
+    reads it."""
+    from ferlib import explain
+    from ferlib.artifacts import ModelRun
+    from ferlib.runs import write_json
+
+    rows = []
+    for name, result in models.items():
+        network = saliency_source(result)[0]
+        check = explain.randomization_check(network, images)
+        source = result.folds[0] if result.folds else result
+        write_json(ModelRun(source.directory).saliency_check, check)
+        rows.append({"model": result.display_name,
+                     **{key: check[key] for key in SANITY_COLUMNS}})
+    return pd.DataFrame(rows)
+
+
 def fit_ensemble_weights(results: dict[str, ModelResult]) -> dict[str, float]:
     """Non-negative weights summing to 1 that minimise the ensemble's PublicTest NLL (the
     mean of the models' softmax probabilities, weighted). PrivateTest is never looked at."""

@@ -4,6 +4,7 @@ whole study on the smoke profile: notebooks, HTML reports, index, resume, failur
 import ast
 import io
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -361,6 +362,16 @@ def test_smoke_pipeline_writes_every_report(smoke_run):
         shown = re.search(r"^\| accuracy \| (\d\.\d{3}) \[", card, re.MULTILINE).group(1)
         assert shown == f"{accuracy[MODEL_DISPLAY_NAMES[model]]:.3f}", model
         assert "generated" in card  # the cross-dataset section, written by 05_cross
+        # rewritten after 04_compare: its accuracy without duplicates and saliency check
+        row = summary[summary.model == MODEL_DISPLAY_NAMES[model]].iloc[0]
+        unseen = re.search(r"^Accuracy without duplicates \(.*?\): (\d\.\d{3}) \[", card,
+                           re.MULTILINE).group(1)
+        assert unseen == f"{row.accuracy_unseen:.3f}", model
+        check = json.loads((work / "runs" / "smoke" / "models" / model
+                            / "saliency_check.json").read_text())
+        spearman = "n/a" if check["spearman"] is None or math.isnan(check["spearman"]) \
+            else f"{check['spearman']:.3f}"
+        assert f"randomising the weights {spearman}; " in card, model
     assert len(re.findall(r"\[0\.\d{3}, [01]\.\d{3}\]", cross)) >= 5 * 3  # 5 rows x 3 CIs
 
 
