@@ -641,17 +641,11 @@ MODEL_CARDS_DIR = "model_cards"
 
 
 def export_model_cards(run: Path, reports: Path, models) -> list[Path]:
-    """Write each trained model's ``MODEL_CARD.md`` again and copy it to
-    ``reports/model_cards/<model>.md``, so the committed report folder carries the cards beside
-    the pages (a card holds no pixels). Training wrote the card before the report measured more:
-    the rewrite adds the accuracy without duplicates (``04_compare``'s summary), the saliency
-    sanity check and the cross-dataset results."""
-    from ferlib.card import write_model_card
-
+    """Copy each trained model's ``MODEL_CARD.md`` to ``reports/model_cards/<model>.md``, so the
+    committed report folder carries the cards beside the pages (a card holds no pixels)."""
     written = []
     for model in models:
         for name, card in model_cards(run, model):
-            write_model_card(card.parent)
             target = Path(reports) / MODEL_CARDS_DIR / f"{name}.md"
             atomic_write_text(target, card.read_text())
             written.append(target)

@@ -663,6 +663,18 @@ def saliency_checks(models: dict[str, ModelResult], images) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def update_model_cards(models: dict[str, ModelResult]) -> list[Path]:
+    """Write each model's ``MODEL_CARD.md`` again (each fold's under cross-validation).
+
+    Training wrote the card before ``04_compare`` measured more; call this once the page has
+    saved its summary (the accuracy without duplicates) and :func:`saliency_checks`. Returns
+    the cards' paths."""
+    from ferlib.card import write_model_card
+
+    return [write_model_card(folder.directory)
+            for result in models.values() for folder in (result.folds or [result])]
+
+
 def fit_ensemble_weights(results: dict[str, ModelResult]) -> dict[str, float]:
     """Non-negative weights summing to 1 that minimise the ensemble's PublicTest NLL (the
     mean of the models' softmax probabilities, weighted). PrivateTest is never looked at."""
