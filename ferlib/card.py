@@ -2,8 +2,8 @@
 
 ``ferlib.train`` writes the card when a training finishes (:func:`write_model_card`, after
 calibration), ``python -m ferlib finetune`` when a fine-tune finishes, ``export`` copies it
-beside every artifact, and ``python -m ferlib card --model DIR`` writes it again (after
-``04_compare`` has added the accuracy without duplicates, say). Every number comes from the
+beside every artifact; ``04_compare`` and ``05_cross`` write it again once they have added
+what they measure, and ``python -m ferlib card --model DIR`` does so by hand. Every number comes from the
 model folder's files (``metrics.json``, ``predictions.npz``, ``calibration.json``,
 ``dataset.json``, ``settings.json``, and where present ``finetune.json``,
 ``cross_dataset.json``, ``saliency_check.json``) or the run's ``compare/summary_full.csv``;
