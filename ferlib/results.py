@@ -641,21 +641,20 @@ def saliency_source(result: ModelResult):
 SANITY_COLUMNS = ("spearman", "constant_maps", "images", "method", "passes")
 
 
-def saliency_checks(models: dict[str, ModelResult], images) -> pd.DataFrame:
+def saliency_checks(models: dict[str, ModelResult], sources: dict, images) -> pd.DataFrame:
     """The model-randomisation sanity check (:func:`ferlib.explain.randomization_check`) of
     each model's saliency on the same ``images``, one row per model.
 
+    ``sources`` maps each model to its :func:`saliency_source` (the network already loaded).
     Each check is also written to ``saliency_check.json`` in the folder of the network it ran
-    on (fold 1's under cross-validation, as :func:`saliency_source`), where the model card
-    reads it."""
+    on (fold 1's under cross-validation), where the model card reads it."""
     from ferlib import explain
     from ferlib.artifacts import ModelRun
     from ferlib.runs import write_json
 
     rows = []
     for name, result in models.items():
-        network = saliency_source(result)[0]
-        check = explain.randomization_check(network, images)
+        check = explain.randomization_check(sources[name][0], images)
         source = result.folds[0] if result.folds else result
         write_json(ModelRun(source.directory).saliency_check, check)
         rows.append({"model": result.display_name,
