@@ -15,6 +15,7 @@ paths and of library start-up noise before export.
 from __future__ import annotations
 
 import contextlib
+import functools
 import html
 import os
 import re
@@ -57,40 +58,54 @@ def plan(params: dict) -> list[tuple[str, str, dict]]:
 
 def _imported_ferlib_modules(tree) -> set[str]:
     """``ferlib`` modules named by the imports of a parsed module or notebook cell."""
+    return {name for name in _import_candidates(tree) if (PACKAGE_DIR / f"{name}.py").exists()}
+
+
+def _import_candidates(tree) -> set[str]:
+    """Every name an import of ``tree`` could mean as a ``ferlib`` module, unchecked:
+    ``ferlib.X`` and ``from ferlib import X`` give ``X`` (a module, or a constant such as
+    ``EMOTIONS``, which the caller drops for having no file)."""
     import ast
 
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             parts = node.module.split(".")
-            if parts[0] != "ferlib":
-                continue
-            if len(parts) > 1:
-                found.add(parts[1])
-            else:  # from ferlib import data, plots (modules) or EMOTIONS (a constant)
-                found.update(alias.name for alias in node.names
-                             if (PACKAGE_DIR / f"{alias.name}.py").exists())
+            if parts[0] == "ferlib":
+                found.update([parts[1]] if len(parts) > 1 else
+                             (alias.name for alias in node.names))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == "ferlib" and len(parts) > 1:
                     found.add(parts[1])
-    return {name for name in found if (PACKAGE_DIR / f"{name}.py").exists()}
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def _source_import_candidates(path: str, mtime_ns: int, size: int) -> frozenset[str]:
+    """:func:`_import_candidates` of one source file, parsed once per version of the file
+    (keyed by its modification time and size): a fingerprint walks every module's imports
+    for every step, and parsing was most of the time of a ``make report`` that only renders."""
+    import ast
+
+    return frozenset(_import_candidates(ast.parse(Path(path).read_text())))
 
 
 def module_closure(modules) -> tuple[str, ...]:
     """``modules`` and every ``ferlib`` module they import, at the top or inside functions,
     transitively (read from their source with ``ast``; nothing is imported)."""
-    import ast
-
     pending, seen = list(modules), set()
     while pending:
         name = pending.pop()
-        if name in seen or not (PACKAGE_DIR / f"{name}.py").exists():
+        source = PACKAGE_DIR / f"{name}.py"
+        if name in seen or not source.exists():
             continue
         seen.add(name)
-        tree = ast.parse((PACKAGE_DIR / f"{name}.py").read_text())
-        pending.extend(_imported_ferlib_modules(tree) - seen)
+        stat = source.stat()
+        pending.extend(name for name in _source_import_candidates(str(source), stat.st_mtime_ns,
+                                                                  stat.st_size)
+                       if name not in seen and (PACKAGE_DIR / f"{name}.py").exists())
     return tuple(sorted(seen))
 
 
