@@ -103,9 +103,9 @@ def module_closure(modules) -> tuple[str, ...]:
             continue
         seen.add(name)
         stat = source.stat()
-        pending.extend(name for name in _source_import_candidates(str(source), stat.st_mtime_ns,
-                                                                  stat.st_size)
-                       if name not in seen and (PACKAGE_DIR / f"{name}.py").exists())
+        # names without a file (constants such as EMOTIONS) are dropped when popped, above
+        pending.extend(_source_import_candidates(str(source), stat.st_mtime_ns, stat.st_size)
+                       - seen)
     return tuple(sorted(seen))
 
 
