@@ -637,7 +637,8 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
 # Figures the README shows, copied from the run into the committed report folder. They hold no
 # dataset pixels (the HTML reports, which the issues ask to commit, are where faces appear).
 EXPORTED_FIGURES = {"mean_saliency_no_face.png": "mean_saliency.png",
-                    "learning_curves_all.png": "learning_curves.png"}
+                    "learning_curves_all.png": "learning_curves.png",
+                    "compute_curves.png": "compute_curves.png"}
 
 
 def export_figures(run: Path, reports: Path) -> list[Path]:

@@ -493,3 +493,5 @@ def test_export_figures_copies_the_readme_figures(tmp_path):
     (run / "figures" / "learning_curves_all.png").write_bytes(b"curves")
     assert [path.name for path in pipeline.export_figures(run, reports)] == [
         "mean_saliency.png", "learning_curves.png"]
+    (run / "figures" / "compute_curves.png").write_bytes(b"compute")
+    assert [path.name for path in pipeline.export_figures(run, reports)][-1] == "compute_curves.png"
