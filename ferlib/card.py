@@ -21,7 +21,7 @@ from ferlib.artifacts import ModelRun, Run
 from ferlib.runs import atomic_write_text, read_json, write_json
 
 CI_RESAMPLES = 1000
-CI_SEED = 0
+CI_SEED = 0  # when settings.json has no seed (04_compare draws with the run's seed)
 INTENDED_USE = """\
 Research on facial expression recognition: comparing architectures and training recipes on
 FER2013-style 48x48 gray face crops, teaching, and as a starting point for fine-tuning on a
@@ -163,9 +163,11 @@ def model_card(model_dir) -> str:
     if "test" in result and files.predictions.is_file():
         with np.load(files.predictions) as archive:
             labels, proba = archive["test_labels"], archive["test_proba"]
-        intervals = metrics.bootstrap_ci(labels, proba, n_boot=CI_RESAMPLES, seed=CI_SEED)
+        # The run's seed, as 04_compare's summary table draws: the same intervals in both.
+        seed = int(settings.get("seed", CI_SEED))
+        intervals = metrics.bootstrap_ci(labels, proba, n_boot=CI_RESAMPLES, seed=seed)
         lines += [f"{len(labels):,} images; 95% bootstrap intervals ({CI_RESAMPLES} "
-                  f"resamples, seed {CI_SEED}).", ""]
+                  f"resamples, seed {seed}).", ""]
         lines += _table(["metric", "value [95% CI]"],
                         [(row["metric"], _interval(row)) for _, row in intervals.iterrows()])
         unseen = None if finetune else _unseen_accuracy(model_dir, name)

@@ -35,7 +35,7 @@ def folder(tmp_path_factory):
     data = FERData(images=np.concatenate(images), labels=np.array(labels), split=np.array(split),
                    source_ids=np.array([f"row{i}" for i in range(len(labels))]),
                    source="/somewhere/fer2013.csv", source_hash="ab" * 32)
-    params = validate({"seed": 0, "models": ["alexnet"],
+    params = validate({"seed": 7, "models": ["alexnet"],
                        "train": {"epochs": 2, "batch_size": 16, "learning_rate": 3e-3,
                                  "warmup_epochs": 0, "early_stopping_patience": None,
                                  "tta": False},
@@ -59,7 +59,8 @@ def test_training_writes_a_card_whose_numbers_are_the_artifacts(folder):
     calibration = read_json(folder / "calibration.json")
     with np.load(folder / "predictions.npz") as archive:
         labels, proba = archive["test_labels"], archive["test_proba"]
-    intervals = metrics.bootstrap_ci(labels, proba, n_boot=1000, seed=0).set_index("metric")
+    # drawn with the run's seed, as 04_compare's summary table draws: the same intervals
+    intervals = metrics.bootstrap_ci(labels, proba, n_boot=1000, seed=7).set_index("metric")
 
     assert cell(card, "accuracy").startswith(f"{result['test']['accuracy']:.3f} [")
     assert cell(card, "f1_macro") == (f"{result['test']['f1_macro']:.3f} "
