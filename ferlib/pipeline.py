@@ -433,6 +433,10 @@ def provenance_header(provenance: dict) -> str:
                    if commit else "<code>unknown</code>")
     items = [
         ("profile", f"<code>{text('profile')}</code>"),
+        # A page made with --set differs from its profile file: it says so, and how.
+        *((("overrides", ", ".join(f"<code>{html.escape(str(item))}</code>"
+                                   for item in provenance["overrides"])),)
+          if provenance.get("overrides") else ()),
         ("data", f"<code>{text('dataset')}</code> sha256 "
                  f'<code title="{html.escape(sha)}">{html.escape(sha[:12] or "unknown")}</code>'),
         ("commit", commit_html),
@@ -580,6 +584,8 @@ def report(profile: str = "quick", *, overrides: list[str] | None = None,
     env = environment()
     origin = provenance(params, data_path, data_hash, env)
     paths = machine_paths(run=run, reports=reports, data_path=data_path)
+    if overrides:  # shown in every page's header, machine paths scrubbed like the pages
+        origin["overrides"] = [scrub_text(item, paths) for item in overrides]
     run.mkdir(parents=True, exist_ok=True)
     for folder in (reports, run, run / "notebooks", run / "figures"):
         remove_dead_temporaries(folder)  # leftovers of a report killed mid-write

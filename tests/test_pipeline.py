@@ -239,6 +239,9 @@ def test_provenance_dict_and_header():
                                   fake_environment(None))
     assert outside_git["git_commit"] is None and not outside_git["git_dirty"]
     assert "<code>unknown</code>" in pipeline.provenance_header(outside_git)
+    assert "overrides" not in header  # only a page made with --set says so
+    overridden = pipeline.provenance_header({**origin, "overrides": ["train.epochs=3", "a=<b>"]})
+    assert "<b>overrides</b> <code>train.epochs=3</code>, <code>a=&lt;b&gt;</code>" in overridden
     json.dumps(origin)  # goes into the manifest
 
 
@@ -330,6 +333,8 @@ def test_smoke_pipeline_writes_every_report(smoke_run):
         assert HEADER_FIRST.search(page), f"{name} does not start with the provenance header"
         header = header_of(page)
         assert origin["dataset_sha256"] in header and f">{commit}</code>" in header, name
+        # made with --set: the page says so (the folder's machine path scrubbed, below)
+        assert "<b>overrides</b> <code>cross_datasets.generated=" in header, name
         leak = MACHINE_PATH.search(page)
         assert not leak, f"{name}: {page[max(leak.start() - 200, 0):leak.end() + 200]}"
         for noise in ("site-packages", "dist-packages", "cpu_feature_guard", "oneDNN"):
