@@ -13,7 +13,8 @@ to the first epoch at or above each threshold; "not reached" says so. PrivateTes
 loaded. Run it on an otherwise quiet machine: two cores shared with anything else slow both.
 Each training is resumable (``runs/<profile>-time-to-accuracy/{old,new}/models/<model>/``):
 run the same command again after an interruption. Results: printed, and
-``benchmarks/time_to_accuracy.json``.
+``benchmarks/time_to_accuracy.json``; a run of some models keeps the rows of the others already
+there (same profile, old commit and thresholds), and each row records the cap it ran under.
 
 A model the old profile did not train (``vit_conv`` before the searches) trains with that
 profile's shared settings and the model's defaults, and the JSON says so.
@@ -95,6 +96,19 @@ def run_one(params: dict, model_name: str, data, out: Path, thresholds, cap_minu
             "train_minutes": round(float(timing.seconds.sum()) / 60, 1)}
 
 
+def earlier_rows(out: Path, profile: str, old_ref: str, thresholds) -> dict:
+    """The models already measured in ``out`` for the same profile, old commit and thresholds,
+    so that a run of some models adds to the JSON instead of dropping the others' rows (the
+    pairs take hours each and may run in different sessions; each row keeps its own cap)."""
+    try:
+        earlier = json.loads(Path(out).read_text())
+    except (OSError, ValueError):
+        return {}
+    same = (earlier.get("profile"), earlier.get("old_ref"), earlier.get("thresholds")) == (
+        profile, old_ref, list(thresholds))
+    return earlier.get("models", {}) if same else {}
+
+
 def run(quick: bool = False, context: dict | None = None, *, old_ref: str | None = None,
         profile: str = "full", models=None, thresholds=(0.55, 0.60, 0.65),
         cap_minutes: float = 90.0, out: Path = OUT, root: Path | None = None) -> dict:
@@ -114,12 +128,14 @@ def run(quick: bool = False, context: dict | None = None, *, old_ref: str | None
     data = load_dataset(recipes["new"], progress=True, splits=("train", "val"))
     root = Path(root or PROJECT_ROOT / "runs" / f"{profile}-time-to-accuracy")
     report = {"profile": profile, "old_ref": old_ref, "machine": machine_description(),
-              "cap_minutes": cap_minutes, "thresholds": list(thresholds), "models": {}}
+              "cap_minutes": cap_minutes, "thresholds": list(thresholds),
+              "models": earlier_rows(out, profile, old_ref, thresholds)}
     for model_name in models:
         for label, params in recipes.items():
             print(f"[time to accuracy] {model_name}, {label} recipe", flush=True)
             row = run_one(params, model_name, data, root / label, thresholds,
                           cap_minutes)
+            row["cap_minutes"] = cap_minutes
             if label == "old" and model_name not in params["models"]:
                 row["note"] = ("not in the old profile: its shared settings and the model's "
                                "defaults")

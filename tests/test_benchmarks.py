@@ -277,11 +277,16 @@ def test_time_to_accuracy_trains_old_and_new_recipes_and_sums_epoch_minutes(tmp_
     section = bench.run(old_ref="HEAD", profile="smoke", models=["alexnet"],
                         thresholds=(0.0, 1.01), cap_minutes=5, out=out, root=tmp_path / "runs")
     assert json.loads(out.read_text()) == section
+    # A later run of other models keeps these rows (same profile, commit and thresholds only).
+    assert bench.earlier_rows(out, "smoke", "HEAD", (0.0, 1.01)) == section["models"]
+    assert bench.earlier_rows(out, "smoke", "HEAD", (0.0,)) == {}
+    assert bench.earlier_rows(tmp_path / "absent.json", "smoke", "HEAD", (0.0,)) == {}
     for label in ("old", "new"):
         row = section["models"]["alexnet"][label]
         timing = pd.read_csv(tmp_path / "runs" / label / "models" / "alexnet" / "timing.csv")
         assert row["minutes_to"]["0.00"] == round(timing.seconds.iloc[0] / 60, 1)
         assert row["minutes_to"]["1.01"] is None and row["epochs"] == len(timing)
+        assert row["cap_minutes"] == 5
     assert not list((tmp_path / "runs").rglob("privatetest_scorings.json"))
     # A reachable highest threshold stops the training there, and a rerun trains nothing more.
     for _ in range(2):
