@@ -96,16 +96,18 @@ def run_one(params: dict, model_name: str, data, out: Path, thresholds, cap_minu
             "train_minutes": round(float(timing.seconds.sum()) / 60, 1)}
 
 
-def earlier_rows(out: Path, profile: str, old_ref: str, thresholds) -> dict:
-    """The models already measured in ``out`` for the same profile, old commit and thresholds,
-    so that a run of some models adds to the JSON instead of dropping the others' rows (the
-    pairs take hours each and may run in different sessions; each row keeps its own cap)."""
+def earlier_rows(out: Path, profile: str, old_ref: str, thresholds, machine: str) -> dict:
+    """The models already measured in ``out`` for the same profile, old commit, thresholds and
+    machine, so that a run of some models adds to the JSON instead of dropping the others' rows
+    (the pairs take hours each and may run in different sessions; each row keeps its own cap,
+    and the JSON's ``machine`` holds for every row)."""
     try:
         earlier = json.loads(Path(out).read_text())
     except (OSError, ValueError):
         return {}
-    same = (earlier.get("profile"), earlier.get("old_ref"), earlier.get("thresholds")) == (
-        profile, old_ref, list(thresholds))
+    keys = ("profile", "old_ref", "thresholds", "machine")
+    same = tuple(earlier.get(key) for key in keys) == (profile, old_ref, list(thresholds),
+                                                       machine)
     return earlier.get("models", {}) if same else {}
 
 
@@ -127,9 +129,10 @@ def run(quick: bool = False, context: dict | None = None, *, old_ref: str | None
     models = list(models or recipes["new"]["models"])
     data = load_dataset(recipes["new"], progress=True, splits=("train", "val"))
     root = Path(root or PROJECT_ROOT / "runs" / f"{profile}-time-to-accuracy")
-    report = {"profile": profile, "old_ref": old_ref, "machine": machine_description(),
-              "cap_minutes": cap_minutes, "thresholds": list(thresholds),
-              "models": earlier_rows(out, profile, old_ref, thresholds)}
+    machine = machine_description()
+    report = {"profile": profile, "old_ref": old_ref, "machine": machine,
+              "thresholds": list(thresholds),
+              "models": earlier_rows(out, profile, old_ref, thresholds, machine)}
     for model_name in models:
         for label, params in recipes.items():
             print(f"[time to accuracy] {model_name}, {label} recipe", flush=True)

@@ -277,10 +277,14 @@ def test_time_to_accuracy_trains_old_and_new_recipes_and_sums_epoch_minutes(tmp_
     section = bench.run(old_ref="HEAD", profile="smoke", models=["alexnet"],
                         thresholds=(0.0, 1.01), cap_minutes=5, out=out, root=tmp_path / "runs")
     assert json.loads(out.read_text()) == section
-    # A later run of other models keeps these rows (same profile, commit and thresholds only).
-    assert bench.earlier_rows(out, "smoke", "HEAD", (0.0, 1.01)) == section["models"]
-    assert bench.earlier_rows(out, "smoke", "HEAD", (0.0,)) == {}
-    assert bench.earlier_rows(tmp_path / "absent.json", "smoke", "HEAD", (0.0,)) == {}
+    # A later run of other models keeps these rows (same profile, commit, thresholds and
+    # machine only); the caps live in the rows.
+    machine = section["machine"]
+    assert "cap_minutes" not in section
+    assert bench.earlier_rows(out, "smoke", "HEAD", (0.0, 1.01), machine) == section["models"]
+    assert bench.earlier_rows(out, "smoke", "HEAD", (0.0,), machine) == {}
+    assert bench.earlier_rows(out, "smoke", "HEAD", (0.0, 1.01), "another machine") == {}
+    assert bench.earlier_rows(tmp_path / "absent.json", "smoke", "HEAD", (0.0,), machine) == {}
     for label in ("old", "new"):
         row = section["models"]["alexnet"][label]
         timing = pd.read_csv(tmp_path / "runs" / label / "models" / "alexnet" / "timing.csv")
