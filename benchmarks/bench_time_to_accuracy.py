@@ -96,18 +96,16 @@ def run_one(params: dict, model_name: str, data, out: Path, thresholds, cap_minu
             "train_minutes": round(float(timing.seconds.sum()) / 60, 1)}
 
 
-def earlier_rows(out: Path, profile: str, old_ref: str, thresholds, machine: str) -> dict:
-    """The models already measured in ``out`` for the same profile, old commit, thresholds and
-    machine, so that a run of some models adds to the JSON instead of dropping the others' rows
-    (the pairs take hours each and may run in different sessions; each row keeps its own cap,
-    and the JSON's ``machine`` holds for every row)."""
+def earlier_rows(out: Path, header: dict) -> dict:
+    """The models already measured in ``out`` under the same ``header`` (profile, old commit,
+    thresholds and machine), so that a run of some models adds to the JSON instead of dropping
+    the others' rows (the pairs take hours each and may run in different sessions; each row
+    keeps its own cap, and the JSON's ``machine`` holds for every row)."""
     try:
         earlier = json.loads(Path(out).read_text())
     except (OSError, ValueError):
         return {}
-    keys = ("profile", "old_ref", "thresholds", "machine")
-    same = tuple(earlier.get(key) for key in keys) == (profile, old_ref, list(thresholds),
-                                                       machine)
+    same = {key: earlier.get(key) for key in header} == header
     return earlier.get("models", {}) if same else {}
 
 
@@ -129,10 +127,9 @@ def run(quick: bool = False, context: dict | None = None, *, old_ref: str | None
     models = list(models or recipes["new"]["models"])
     data = load_dataset(recipes["new"], progress=True, splits=("train", "val"))
     root = Path(root or PROJECT_ROOT / "runs" / f"{profile}-time-to-accuracy")
-    machine = machine_description()
-    report = {"profile": profile, "old_ref": old_ref, "machine": machine,
-              "thresholds": list(thresholds),
-              "models": earlier_rows(out, profile, old_ref, thresholds, machine)}
+    header = {"profile": profile, "old_ref": old_ref, "machine": machine_description(),
+              "thresholds": list(thresholds)}
+    report = {**header, "models": earlier_rows(out, header)}
     for model_name in models:
         for label, params in recipes.items():
             print(f"[time to accuracy] {model_name}, {label} recipe", flush=True)

@@ -279,12 +279,14 @@ def test_time_to_accuracy_trains_old_and_new_recipes_and_sums_epoch_minutes(tmp_
     assert json.loads(out.read_text()) == section
     # A later run of other models keeps these rows (same profile, commit, thresholds and
     # machine only); the caps live in the rows.
-    machine = section["machine"]
+    header = {key: section[key] for key in ("profile", "old_ref", "thresholds", "machine")}
+    assert header == {"profile": "smoke", "old_ref": "HEAD", "thresholds": [0.0, 1.01],
+                      "machine": section["machine"]}
     assert "cap_minutes" not in section
-    assert bench.earlier_rows(out, "smoke", "HEAD", (0.0, 1.01), machine) == section["models"]
-    assert bench.earlier_rows(out, "smoke", "HEAD", (0.0,), machine) == {}
-    assert bench.earlier_rows(out, "smoke", "HEAD", (0.0, 1.01), "another machine") == {}
-    assert bench.earlier_rows(tmp_path / "absent.json", "smoke", "HEAD", (0.0,), machine) == {}
+    assert bench.earlier_rows(out, header) == section["models"]
+    assert bench.earlier_rows(out, {**header, "thresholds": [0.0]}) == {}
+    assert bench.earlier_rows(out, {**header, "machine": "another machine"}) == {}
+    assert bench.earlier_rows(tmp_path / "absent.json", header) == {}
     for label in ("old", "new"):
         row = section["models"]["alexnet"][label]
         timing = pd.read_csv(tmp_path / "runs" / label / "models" / "alexnet" / "timing.csv")
