@@ -23,7 +23,6 @@ profile's shared settings and the model's defaults, and the JSON says so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import common  # noqa: F401  (quiets TensorFlow before Keras starts)
 
 from ferlib import PROJECT_ROOT
+from ferlib.runs import read_json, write_json
 from ferlib.train import machine_description
 
 NAME = "time_to_accuracy"
@@ -93,7 +93,8 @@ def run_one(params: dict, model_name: str, data, out: Path, thresholds, cap_minu
     return {"minutes_to": minutes_to(history, timing, thresholds),
             "best_publictest": float(history.val_accuracy.max()),
             "epochs": int(len(history)), "stopped": stopped,
-            "train_minutes": round(float(timing.seconds.sum()) / 60, 1)}
+            "train_minutes": round(float(timing.seconds.sum()) / 60, 1),
+            "cap_minutes": cap_minutes}
 
 
 def earlier_rows(out: Path, header: dict) -> dict:
@@ -102,7 +103,7 @@ def earlier_rows(out: Path, header: dict) -> dict:
     the others' rows (the pairs take hours each and may run in different sessions; each row
     keeps its own cap, and the JSON's ``machine`` holds for every row)."""
     try:
-        earlier = json.loads(Path(out).read_text())
+        earlier = read_json(out, {})
     except (OSError, ValueError):
         return {}
     same = {key: earlier.get(key) for key in header} == header
@@ -135,12 +136,11 @@ def run(quick: bool = False, context: dict | None = None, *, old_ref: str | None
             print(f"[time to accuracy] {model_name}, {label} recipe", flush=True)
             row = run_one(params, model_name, data, root / label, thresholds,
                           cap_minutes)
-            row["cap_minutes"] = cap_minutes
             if label == "old" and model_name not in params["models"]:
                 row["note"] = ("not in the old profile: its shared settings and the model's "
                                "defaults")
             report["models"].setdefault(model_name, {})[label] = row
-            Path(out).write_text(json.dumps(report, indent=2) + "\n")  # after every training
+            write_json(out, report)  # after every training, atomically: rows took hours
     return report
 
 
